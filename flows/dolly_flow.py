@@ -1,0 +1,185 @@
+"""DollyFlow: instruction fine-tuning with the Dolly v2 recipe, from a laptop to Kubernetes GPUs.
+
+Steps:
+    start  resolve and validate every input (model, data, DeepSpeed config, numbers) and fail
+           here, before any GPU is spent; record `config` and `dataset_fingerprint`.
+    train  run the HF Trainer script under DeepSpeed, one process per visible GPU (one CPU rank
+           without a GPU), its output streamed into the task log; publish the model.
+    end    publish `model_location` and `training_metrics`, and print how to load the model.
+
+Run it:
+    python flows/dolly_flow.py run                                   # bundled model + data, CPU
+    python flows/dolly_flow.py run --epochs 2 --learning-rate 1e-4
+    python flows/dolly_flow.py --config config flows/configs/a100x4.json run --with kubernetes
+    python flows/dolly_flow.py run --help                            # every parameter
+"""
+
+import json
+from pathlib import Path
+
+from metaflow import Config, FlowSpec, Parameter, current, package_sources, resources, step
+from model_store import LocalModelStore
+from trainer_launch import launch_command, run_streaming, trainer_arguments, visible_gpus
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class InvalidRunInputs(ValueError):
+    """One or more inputs cannot work; raised in `start` with every problem and its fix."""
+
+
+# training/ and ds_configs/ live beside flows/, not in it: ship them in the code package so
+# remote tasks (Kubernetes, Argo) find them.
+@package_sources(
+    [("../training", "training"), ("../ds_configs", "ds_configs"), ("configs", "configs")],
+    suffixes=[".py", ".json", ".jsonl"],
+)
+class DollyFlow(FlowSpec):
+    """Fine-tune a causal LM on instruction data (Dolly v2 prompt format, completion-only loss)."""
+
+    settings = Config(
+        "config",
+        default=str(CONFIG_DIR / "local-cpu.json"),
+        help="Hardware and training preset (flows/configs/*.json): resources, base model, data, "
+        "DeepSpeed config, hyperparameters. Pass with --config config PATH.",
+    )
+
+    base_model = Parameter(
+        "base-model",
+        type=str,
+        default=settings.base_model,
+        help="Base model: a hub id (EleutherAI/pythia-2.8b), a local model directory, or "
+        "bundled:smollm2-135m-instruct. Default: the config's base_model.",
+    )
+    dataset = Parameter(
+        "dataset",
+        type=str,
+        default=settings.dataset,
+        help="Instruction data: a hub id, a local .jsonl/.json/.parquet file or directory, an "
+        "s3:// URL, or bundled:dolly-sample. Default: the config's dataset.",
+    )
+    epochs = Parameter("epochs", type=float, default=settings.training.epochs, help="Passes over the training rows.")
+    max_steps = Parameter(
+        "max-steps", type=int, default=settings.training.max_steps, help="Stop after N optimizer steps (-1: all epochs)."
+    )
+    learning_rate = Parameter(
+        "learning-rate", type=float, default=settings.training.learning_rate, help="Peak learning rate (AdamW)."
+    )
+    batch_size = Parameter(
+        "batch-size", type=int, default=settings.training.batch_size, help="Training sequences per device per micro-step."
+    )
+    deepspeed_config = Parameter(
+        "deepspeed-config",
+        type=str,
+        default=settings.deepspeed_config,
+        help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json, GPU presets); "
+        "empty string: no DeepSpeed.",
+    )
+
+    @step
+    def start(self):
+        """Validate every input and record the resolved configuration."""
+        from training.arguments import find_problems, parse_args, resolve_precision
+        from training.base_model import BaseModelError, resolve_base_model
+        from training.dataset import DatasetError, load_instruction_data
+
+        self.trainer_argv = trainer_arguments(
+            base_model=self.base_model,
+            dataset=self.dataset,
+            deepspeed_config=self.deepspeed_config,
+            epochs=self.epochs,
+            max_steps=self.max_steps,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            training=self.settings.training,
+        )
+        # The trainer's own parser and checks: start fails with the message the trainer would print.
+        model_args, data_args, train_args = parse_args(self.trainer_argv)
+        problems = find_problems(model_args, data_args, train_args)
+        gpus = int(self.settings.resources.gpu or 0)
+        if gpus == 0:  # the train step runs on CPU: only fp32/bf16 can run there
+            try:
+                resolve_precision(train_args.precision, cuda=False, compute_capability=None)
+            except ValueError as err:
+                problems.append(str(err))
+        data = None
+        if not problems:
+            try:
+                data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows)
+            except DatasetError as err:
+                problems.append(str(err))
+            try:
+                resolved_model = resolve_base_model(model_args.base_model)
+            except BaseModelError as err:
+                problems.append(str(err))
+        if problems:
+            raise InvalidRunInputs(
+                "DollyFlow cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems)
+            )
+
+        self.dataset_fingerprint = data.fingerprint
+        self.config = {
+            "preset": self.settings.name,
+            "resources": dict(self.settings.resources),
+            "base_model": model_args.base_model,
+            "base_model_resolved": resolved_model,
+            "dataset": data_args.dataset,
+            "dataset_rows": {"train": len(data.train), "eval": len(data.eval)},
+            "deepspeed_config": train_args.deepspeed,
+            "trainer_argv": self.trainer_argv,
+            "training": {
+                **dict(self.settings.training),
+                "epochs": self.epochs,
+                "max_steps": self.max_steps,
+                "learning_rate": self.learning_rate,
+                "batch_size": self.batch_size,
+            },
+        }
+        print(
+            f"Inputs OK: {model_args.base_model} on {data_args.dataset} "
+            f"({len(data.train)} train / {len(data.eval)} eval rows, fingerprint {data.fingerprint[:12]}), "
+            f"DeepSpeed {train_args.deepspeed or 'off'}, preset {self.settings.name}."
+        )
+        self.next(self.train)
+
+    @resources(
+        cpu=settings.resources.cpu,
+        gpu=settings.resources.gpu,
+        memory=settings.resources.memory,
+        shared_memory=settings.resources.shared_memory,
+    )
+    @step
+    def train(self):
+        """Run the trainer under DeepSpeed, one rank per visible GPU (one CPU rank without GPUs)."""
+        store = LocalModelStore(Path(self.settings.get("model_root", "models")))
+        workdir = store.workdir(current.flow_name, current.run_id)
+        gpus = visible_gpus()
+        ranks = gpus or 1
+        print(f"Training on {f'{gpus} GPU(s)' if gpus else 'CPU (1 rank)'}; output in {workdir}")
+        run_streaming(launch_command([*self.trainer_argv, "--output_dir", str(workdir)], ranks))
+        self.training_metrics = json.loads((workdir / "metrics.json").read_text())
+        self.model_location = store.publish(workdir)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        """Report where the model is and how it did."""
+        metrics = self.training_metrics
+        print(
+            f"Eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
+            f"after {metrics['global_step']} steps ({metrics['train_runtime_s']:.0f} s, "
+            f"{metrics['tokens_per_second']:.0f} tokens/s)."
+        )
+        print(f"Model: {self.model_location}")
+        print(
+            "Load it:\n"
+            f"  python -m training.generate --model {self.model_location} \"Give three tips for a good night's sleep.\"\n"
+            "  or in Python:\n"
+            "    from training.generate import load_for_generation, generate_response\n"
+            f"    model, tokenizer = load_for_generation({self.model_location!r})\n"
+            "    print(generate_response(model, tokenizer, 'What is a haiku?').text)"
+        )
+
+
+if __name__ == "__main__":
+    DollyFlow()

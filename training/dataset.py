@@ -1,0 +1,321 @@
+"""Reading instruction data sets: Dolly v2 and Alpaca schemas, local files, S3, the hub.
+
+A source is one of:
+
+* ``bundled:dolly-sample``: the sample shipped in ``training/data/dolly_sample`` (train + eval);
+* a local ``.jsonl``, ``.json`` (a list of objects, or JSON lines) or ``.parquet`` file;
+* a local directory of such files: files named ``train*`` form the train split and files named
+  ``eval*``, ``test*``, ``valid*`` the held-out split; with no such names every file is train;
+* an ``s3://bucket/key`` file or ``s3://bucket/prefix/`` directory, downloaded then read as above;
+* a hub data set id such as ``databricks/databricks-dolly-15k`` (``datasets.load_dataset``).
+
+Rows use the Dolly v2 schema (``instruction``, ``context``, ``response``, ``category``); rows
+with the Alpaca schema (``instruction``, ``input``, ``output``) are mapped to it. A line that is
+not JSON or a row without an instruction or response is an error that names the file and line,
+reported for every bad row at once; ``skip_bad_rows=True`` skips and counts them instead.
+
+    python -c "from training.dataset import load_instruction_data as l; print(l('bundled:dolly-sample'))"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUNDLED_DATASET = "bundled:dolly-sample"
+BUNDLED_DATASET_DIR = Path(__file__).parent / "data" / "dolly_sample"
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+EVAL_SPLIT_PREFIXES = ("eval", "test", "valid")
+MAX_ERRORS_SHOWN = 10
+
+
+class DatasetError(ValueError):
+    """The data set cannot be used as given; the message says what to fix."""
+
+
+@dataclass
+class InstructionData:
+    """Normalized rows (instruction, context, response, category) per split."""
+
+    source: str
+    train: list[dict[str, str]]
+    eval: list[dict[str, str]] = field(default_factory=list)
+    skipped_rows: int = 0
+    schema_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the normalized rows of both splits: the same data gives the same value."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.eval):
+            digest.update(json.dumps(split, sort_keys=True, ensure_ascii=False).encode())
+            digest.update(b"\x00")
+        return digest.hexdigest()
+
+    def __repr__(self) -> str:
+        return (
+            f"InstructionData(source={self.source!r}, train={len(self.train)}, "
+            f"eval={len(self.eval)}, skipped_rows={self.skipped_rows})"
+        )
+
+
+def _normalize_row(row: Any, where: str) -> tuple[dict[str, str] | None, str | None, str]:
+    """(normalized row, None, schema) or (None, problem, schema) for one raw row."""
+    if not isinstance(row, dict):
+        return None, f"{where}: expected a JSON object, got {type(row).__name__}", ""
+    if "response" in row:
+        schema, context_key, response_key = "dolly", "context", "response"
+    elif "output" in row:
+        schema, context_key, response_key = "alpaca", "input", "output"
+    else:
+        keys = ", ".join(sorted(map(str, row))) or "none"
+        return (
+            None,
+            f"{where}: no 'response' (Dolly schema) or 'output' (Alpaca schema) field "
+            f"(fields: {keys})",
+            "",
+        )
+    problems = []
+    for key in ("instruction", response_key):
+        value = row.get(key)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"missing or empty '{key}'")
+    context = row.get(context_key)
+    if context is None:
+        context = ""
+    elif not isinstance(context, str):
+        problems.append(f"'{context_key}' must be a string, got {type(context).__name__}")
+    if problems:
+        return None, f"{where}: {'; '.join(problems)}", schema
+    category = row.get("category")
+    return (
+        {
+            "instruction": row["instruction"].strip(),
+            "context": context.strip(),
+            "response": row[response_key].strip(),
+            "category": category if isinstance(category, str) else "",
+        },
+        None,
+        schema,
+    )
+
+
+def _read_file_rows(path: Path) -> list[tuple[str, Any]]:
+    """(location, raw row) pairs; a line that is not JSON becomes a (location, error) pair."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [(f"{path} row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            return [(f"{path} line {err.lineno}", _NotJson(str(err)))]
+        return [(f"{path} item {i + 1}", row) for i, row in enumerate(rows)]
+    pairs: list[tuple[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append((f"{path} line {number}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            pairs.append((f"{path} line {number}", _NotJson(err.msg)))
+    return pairs
+
+
+@dataclass
+class _NotJson:
+    reason: str
+
+
+def _split_files(directory: Path) -> dict[str, list[Path]]:
+    files = sorted(
+        p for p in directory.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES
+    )
+    if not files:
+        raise DatasetError(
+            f"--dataset: directory {directory} holds no {', '.join(SUPPORTED_SUFFIXES)} files."
+        )
+    splits: dict[str, list[Path]] = {"train": [], "eval": []}
+    for path in files:
+        is_eval = path.name.lower().startswith(EVAL_SPLIT_PREFIXES)
+        splits["eval" if is_eval else "train"].append(path)
+    if not splits["train"]:
+        raise DatasetError(
+            f"--dataset: directory {directory} has only eval/test files; add a train file."
+        )
+    return splits
+
+
+def _download_s3(url: str, cache_dir: Path) -> Path:
+    """Download an s3:// file or prefix into the cache; returns the local file or directory."""
+    import boto3
+
+    bucket, _, key = url[len("s3://") :].partition("/")
+    target = cache_dir / "s3" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    client = boto3.client("s3")
+    if key and not key.endswith("/"):
+        local = target / Path(key).name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, key, str(local))
+        return local
+    paginator = client.get_paginator("list_objects_v2")
+    found = False
+    for page in paginator.paginate(Bucket=bucket, Prefix=key):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith(SUPPORTED_SUFFIXES):
+                continue
+            local = target / obj["Key"][len(key) :]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(local))
+            found = True
+    if not found:
+        raise DatasetError(f"--dataset: {url} holds no {', '.join(SUPPORTED_SUFFIXES)} files.")
+    return target
+
+
+def _hub_rows(name: str) -> dict[str, list[tuple[str, Any]]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as err:  # the hub client raises many types; all mean "cannot load"
+        raise DatasetError(
+            f"--dataset: {name!r} is not a local file or directory, and loading it from the "
+            f"hub failed: {type(err).__name__}: {err}. Pass a path to a .jsonl/.json/.parquet "
+            "file or directory, an s3:// URL, or a hub data set id."
+        ) from err
+    splits: dict[str, list[tuple[str, Any]]] = {"train": [], "eval": []}
+    for split_name, split in loaded.items():
+        target = "eval" if split_name.lower().startswith(EVAL_SPLIT_PREFIXES) else "train"
+        splits[target] += [(f"{name} [{split_name}] row {i + 1}", row) for i, row in enumerate(split)]
+    return splits
+
+
+def resolve_dataset_path(source: str) -> Path | None:
+    """The local path a source names (bundled or a path), or None for s3:// and hub ids."""
+    if source == BUNDLED_DATASET:
+        return BUNDLED_DATASET_DIR
+    if source.startswith("s3://"):
+        return None
+    path = Path(source).expanduser()
+    # "org/name" is both a hub id and a relative path: an existing path wins, and anything that
+    # can only be a path (a file suffix, ./, /, ~) is a path even when it is missing.
+    if path.exists() or source.endswith(SUPPORTED_SUFFIXES) or source.startswith((".", "/", "~")):
+        return path
+    return None
+
+
+def load_instruction_data(
+    source: str,
+    *,
+    skip_bad_rows: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> InstructionData:
+    """Read, validate and normalize a data set; raises DatasetError listing every bad row."""
+    cache = Path(cache_dir or default_cache_dir())
+    if source.startswith("s3://"):
+        path: Path | None = _download_s3(source, cache)
+    else:
+        path = resolve_dataset_path(source)
+    if path is not None and not path.exists():
+        raise DatasetError(
+            f"--dataset: {path} does not exist. Pass an existing .jsonl/.json/.parquet file or "
+            f"directory, an s3:// URL, a hub id, or {BUNDLED_DATASET!r}."
+        )
+    if path is None:
+        raw = _hub_rows(source)
+    elif path.is_dir():
+        raw = {
+            split: [pair for p in files for pair in _read_file_rows(p)]
+            for split, files in _split_files(path).items()
+        }
+    else:
+        if path.suffix not in SUPPORTED_SUFFIXES:
+            raise DatasetError(
+                f"--dataset: {path} has suffix {path.suffix!r}; use one of "
+                f"{', '.join(SUPPORTED_SUFFIXES)}."
+            )
+        raw = {"train": _read_file_rows(path), "eval": []}
+
+    problems: list[str] = []
+    schema_counts: dict[str, int] = {}
+    normalized: dict[str, list[dict[str, str]]] = {}
+    for split, pairs in raw.items():
+        rows = []
+        for where, row in pairs:
+            if isinstance(row, _NotJson):
+                problems.append(f"{where}: not valid JSON ({row.reason})")
+                continue
+            clean, problem, schema = _normalize_row(row, where)
+            if problem:
+                problems.append(problem)
+            else:
+                rows.append(clean)
+                schema_counts[schema] = schema_counts.get(schema, 0) + 1
+        normalized[split] = rows
+    if problems and not skip_bad_rows:
+        shown = "\n  ".join(problems[:MAX_ERRORS_SHOWN])
+        more = len(problems) - MAX_ERRORS_SHOWN
+        raise DatasetError(
+            f"--dataset: {len(problems)} bad row(s) in {source}:\n  {shown}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + "\nFix these rows, or pass --skip_bad_rows to skip and count them."
+        )
+    if not normalized["train"]:
+        raise DatasetError(f"--dataset: {source} has no usable training rows.")
+    return InstructionData(
+        source=source,
+        train=normalized["train"],
+        eval=normalized["eval"],
+        skipped_rows=len(problems),
+        schema_counts=schema_counts,
+    )
+
+
+def sample_and_split(
+    data: InstructionData, *, sample_fraction: float, test_size: float, seed: int
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, eval) rows: a deterministic sample, and a held-out split if the source has none.
+
+    ``test_size`` below 1 is a fraction of the rows, 1 or more a row count (Dolly used 1000).
+    """
+    rng = random.Random(seed)
+
+    def sample(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+        if sample_fraction >= 1.0 or not rows:
+            return rows
+        keep = max(1, round(len(rows) * sample_fraction))
+        return [rows[i] for i in sorted(rng.sample(range(len(rows)), keep))]
+
+    train, held_out = sample(data.train), sample(data.eval)
+    if held_out:
+        return train, held_out
+    count = int(test_size) if test_size >= 1 else round(len(train) * test_size)
+    count = max(1, count)
+    if count >= len(train):
+        raise DatasetError(
+            f"--test_size: {test_size} leaves no training rows out of {len(train)}; "
+            "pass a smaller --test_size or ship an eval split."
+        )
+    order = list(range(len(train)))
+    rng.shuffle(order)
+    held = set(order[:count])
+    return (
+        [row for i, row in enumerate(train) if i not in held],
+        [row for i, row in enumerate(train) if i in held],
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where downloads, converted models and tokenized data are cached."""
+    root = os.environ.get("DOLLY_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "metaflow-dolly"
+    )
+    return Path(root)

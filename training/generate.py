@@ -1,0 +1,91 @@
+"""Answer instructions with a Dolly-tuned model: format the prompt, generate, stop at ``### End``.
+
+    python -m training.generate --model outputs/dolly "Give three tips for staying focused."
+    python -m training.generate --model outputs/dolly --context "Paris is ..." "Summarize this."
+
+    from training.generate import load_for_generation, generate_response
+    model, tokenizer = load_for_generation("outputs/dolly")
+    print(generate_response(model, tokenizer, "What is a haiku?").text)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from training.prompt import END_KEY, encode_prompt
+
+
+@dataclass
+class Generation:
+    text: str  # the response, without the prompt or ``### End``
+    ended: bool  # the model emitted ``### End`` (or eos) before max_new_tokens ran out
+    new_tokens: int
+
+
+def load_for_generation(model_dir: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of a trained output directory, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, tokenizer
+
+
+def generate_response(
+    model: Any,
+    tokenizer: Any,
+    instruction: str,
+    context: str = "",
+    *,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.92,
+) -> Generation:
+    """Answer one instruction; greedy decoding unless ``do_sample``."""
+    import torch
+
+    end_id = tokenizer.convert_tokens_to_ids(END_KEY)
+    stop_ids = [end_id] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    prompt_ids = torch.tensor([encode_prompt(tokenizer, instruction, context)], device=model.device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id,
+            **sampling,
+        )
+    new = output[0, prompt_ids.shape[1] :].tolist()
+    ended = any(token in stop_ids for token in new)
+    if ended:
+        new = new[: min(new.index(t) for t in stop_ids if t in new)]
+    text = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return Generation(text=text, ended=ended, new_tokens=len(new))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("instruction", help="The instruction to answer.")
+    parser.add_argument("--model", required=True, help="A trained model directory (the trainer's --output_dir).")
+    parser.add_argument("--context", default="", help="Optional input text the instruction refers to.")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate.")
+    parser.add_argument("--sample", action="store_true", help="Sample (temperature 0.7, top-p 0.92) instead of greedy.")
+    parser.add_argument("--trust-remote-code", action="store_true", help="Run modelling code from the model directory.")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_for_generation(args.model, trust_remote_code=args.trust_remote_code)
+    result = generate_response(
+        model, tokenizer, args.instruction, args.context, max_new_tokens=args.max_new_tokens, do_sample=args.sample
+    )
+    print(result.text)
+    if not result.ended:
+        print(f"[stopped at --max-new-tokens {args.max_new_tokens} before {END_KEY}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Fine-tune a causal LM on instruction data with the Dolly v2 recipe (HF Trainer + DeepSpeed).
+
+Runs on its own, without Metaflow:
+
+    # the bundled default: SmolLM2-135M-Instruct on the shipped sample, CPU, ~3 minutes
+    python -m training.trainer --output_dir outputs/dolly
+
+    # one CPU rank under DeepSpeed ZeRO-2 (what the flow does on a machine without a GPU)
+    deepspeed --num_gpus 1 --module training.trainer --deepspeed ds_configs/zero2.json
+
+    # Dolly v2 itself on 4 GPUs (hub access needed)
+    deepspeed --num_gpus 4 --module training.trainer \\
+        --base_model EleutherAI/pythia-2.8b --dataset databricks/databricks-dolly-15k \\
+        --deepspeed ds_configs/a100x4.json --per_device_train_batch_size 6 --max_seq_length 1024
+
+Writes to ``--output_dir``: the final model (safetensors + tokenizer, loadable with
+``AutoModelForCausalLM.from_pretrained``), ``metrics.json``, ``checkpoints/`` and TensorBoard
+``logs/``. ``python -m training.trainer --help`` lists every argument.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from training.arguments import (
+    DataArguments,
+    ModelArguments,
+    TrainArguments,
+    find_problems,
+    parse_args,
+    resolve_precision,
+    resolve_repo_path,
+)
+
+METRICS_FILE = "metrics.json"
+
+
+def _log(message: str) -> None:
+    # flush: the flow streams this process's output into the task log line by line.
+    print(f"[trainer] {message}", flush=True)
+
+
+def _progress_callback() -> Any:
+    from transformers import TrainerCallback
+
+    class PrintProgress(TrainerCallback):
+        """One plain line per log event (tqdm bars are unreadable in a streamed task log)."""
+
+        def __init__(self) -> None:
+            self.eval_losses: list[tuple[int, float]] = []
+            self.started = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items()}
+            fields = " ".join(f"{k}={v}" for k, v in shown.items())
+            _log(f"step {state.global_step}/{state.max_steps} {fields}")
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if metrics and "eval_loss" in metrics:
+                self.eval_losses.append((state.global_step, float(metrics["eval_loss"])))
+
+    return PrintProgress()
+
+
+def _hardware() -> tuple[bool, tuple[int, int] | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, None
+    return True, torch.cuda.get_device_capability(0)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> dict[str, Any]:
+    """Fine-tune and save; returns the metrics also written to ``output_dir/metrics.json``."""
+    problems = find_problems(model_args, data_args, train_args)
+    cuda, capability = _hardware()
+    try:
+        precision = resolve_precision(train_args.precision, cuda=cuda, compute_capability=capability)
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        raise SystemExit("Cannot train:\n  " + "\n  ".join(problems))
+
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    from training.base_model import load_model, load_tokenizer, resolve_base_model
+    from training.batching import PaddingCollator, tokenize_rows
+    from training.dataset import default_cache_dir, load_instruction_data, sample_and_split
+
+    import datasets
+    import transformers
+
+    # Progress bars are unreadable in a streamed task log; PrintProgress logs plain lines.
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    started = time.time()
+    set_seed(train_args.seed)
+    output_dir = Path(train_args.output_dir)
+    cache_dir = Path(data_args.cache_dir) if data_args.cache_dir else default_cache_dir()
+
+    data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows, cache_dir=cache_dir)
+    train_rows, eval_rows = sample_and_split(
+        data, sample_fraction=data_args.sample_fraction, test_size=data_args.test_size, seed=train_args.seed
+    )
+    _log(
+        f"data {data.source}: {len(train_rows)} train / {len(eval_rows)} eval rows, "
+        f"{data.skipped_rows} bad rows skipped, fingerprint {data.fingerprint[:12]}"
+    )
+
+    steps_kwargs: dict[str, Any] = {}
+    if train_args.eval_steps:
+        steps_kwargs.update(eval_strategy="steps", eval_steps=train_args.eval_steps)
+    else:
+        steps_kwargs.update(eval_strategy="epoch")
+    if train_args.save_steps:
+        steps_kwargs.update(save_strategy="steps", save_steps=train_args.save_steps)
+    else:
+        steps_kwargs.update(save_strategy="epoch")
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs"))
+    # TrainingArguments comes before the model: with ZeRO-3 it switches on deepspeed.zero.Init so
+    # from_pretrained loads each rank's shard instead of a full copy per rank.
+    args = TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        num_train_epochs=train_args.epochs,
+        max_steps=train_args.max_steps,
+        per_device_train_batch_size=train_args.per_device_train_batch_size,
+        per_device_eval_batch_size=train_args.per_device_eval_batch_size,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        learning_rate=train_args.learning_rate,
+        warmup_steps=train_args.warmup_steps,
+        weight_decay=train_args.weight_decay,
+        seed=train_args.seed,
+        logging_steps=train_args.logging_steps,
+        save_total_limit=train_args.save_total_limit,
+        deepspeed=str(resolve_repo_path(train_args.deepspeed)) if train_args.deepspeed else None,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
+        activation_checkpointing=model_args.gradient_checkpointing,
+        # eval_on_start gives the loss before training; a plain evaluate() before train() is
+        # refused by the DeepSpeed integration for ZeRO stages below 3.
+        eval_on_start=True,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to=["tensorboard"],
+        disable_tqdm=True,
+        local_rank=train_args.local_rank,
+        **steps_kwargs,
+    )
+
+    with args.main_process_first(desc="base model conversion and tokenization"):
+        model_path = resolve_base_model(model_args.base_model, cache_dir)
+        tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
+        train_set, dropped_train = tokenize_rows(
+            train_rows, tokenizer, max_seq_length=data_args.max_seq_length, cache_dir=cache_dir / "tokenized", split="train"
+        )
+        eval_set, dropped_eval = tokenize_rows(
+            eval_rows, tokenizer, max_seq_length=data_args.max_seq_length, cache_dir=cache_dir / "tokenized", split="eval"
+        )
+    _log(
+        f"dropped rows longer than {data_args.max_seq_length} tokens: {dropped_train} train, {dropped_eval} eval"
+    )
+    if len(train_set) == 0 or len(eval_set) == 0:
+        raise SystemExit(
+            f"Cannot train: every {'train' if len(train_set) == 0 else 'eval'} row is longer than "
+            f"--max_seq_length {data_args.max_seq_length} tokens; raise --max_seq_length."
+        )
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # fp16: fp32 master weights
+    model = load_model(model_path, tokenizer, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+    if model_args.gradient_checkpointing:
+        model.config.use_cache = False
+    _log(f"model {model_args.base_model} ({model_path}): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {precision}")
+
+    progress = _progress_callback()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else None),
+        processing_class=tokenizer,
+        callbacks=[progress],
+    )
+    trainer.remove_callback(PrinterCallback)  # PrintProgress prints one readable line instead
+    result = trainer.train()
+    # The epoch/step schedule usually evaluated at the last step already: do not pay for it twice.
+    if not progress.eval_losses or progress.eval_losses[-1][0] != trainer.state.global_step:
+        trainer.evaluate()
+    eval_after = progress.eval_losses[-1][1]
+    trainer.save_model(str(output_dir))  # gathers ZeRO-3 shards into one safetensors model
+    state = trainer.state
+
+    eval_before = progress.eval_losses[0][1] if progress.eval_losses else math.nan
+    runtime = float(result.metrics["train_runtime"])
+    tokens = int(state.num_input_tokens_seen)
+    metrics = {
+        "base_model": model_args.base_model,
+        "dataset": data_args.dataset,
+        "dataset_fingerprint": data.fingerprint,
+        "precision": precision,
+        "world_size": args.world_size,
+        "train_rows": len(train_set),
+        "eval_rows": len(eval_set),
+        "dropped_long_rows": dropped_train + dropped_eval,
+        "skipped_bad_rows": data.skipped_rows,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "eval_loss_history": progress.eval_losses,
+        "train_loss": float(result.training_loss),
+        "train_runtime_s": runtime,
+        "train_samples": int(len(train_set) * state.num_train_epochs) if train_args.max_steps < 0 else None,
+        "tokens": tokens,
+        "tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
+        "global_step": int(state.global_step),
+        "epochs": float(state.epoch or 0.0),
+        "total_runtime_s": time.time() - started,
+    }
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(output_dir))
+        (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        _log(
+            f"done: eval loss {eval_before:.4f} -> {metrics['eval_loss_after']:.4f}, "
+            f"{metrics['global_step']} steps, {metrics['tokens_per_second']:.0f} tokens/s; model in {output_dir}"
+        )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m training.trainer`` and ``deepspeed --module training.trainer``."""
+    model_args, data_args, train_args = parse_args(argv)
+    from training.base_model import BaseModelError
+    from training.dataset import DatasetError
+
+    try:
+        train(model_args, data_args, train_args)
+    except (DatasetError, BaseModelError) as err:
+        raise SystemExit(f"Cannot train: {err}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
