@@ -65,6 +65,8 @@ def format_example(instruction: str, response: str, context: str = "") -> str:
 
 
 def _encode_text(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:  # fast tokenizers fail on an empty batch (a batch where no row has a context)
+        return []
     # split_special_tokens: user text that spells a special key stays plain text.
     return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 

@@ -89,15 +89,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if problems:
         raise SystemExit("Cannot train:\n  " + "\n  ".join(problems))
 
+    import datasets
     import torch
+    import transformers
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from training.base_model import load_model, load_tokenizer, resolve_base_model
     from training.batching import PaddingCollator, tokenize_rows
     from training.dataset import default_cache_dir, load_instruction_data, sample_and_split
-
-    import datasets
-    import transformers
 
     # Progress bars are unreadable in a streamed task log; PrintProgress logs plain lines.
     datasets.disable_progress_bars()

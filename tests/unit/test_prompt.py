@@ -78,7 +78,7 @@ def test_unicode_round_trips(tiny_tokenizer):
     tok = tiny_tokenizer
     out = encode_examples(tok, ["Traduis «bonjour» 日本語"], [""], ["Héllo, naïve café — ok ✓"])
     ids, labels = out["input_ids"][0], out["labels"][0]
-    learned = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+    learned = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
     assert tok.decode(learned[:-2]).strip() == "Héllo, naïve café — ok ✓"
     assert "Traduis «bonjour» 日本語" in tok.decode(ids)
 
@@ -123,7 +123,7 @@ def test_collator_masks_padding_by_position_even_when_pad_is_eos(tiny_tokenizer)
     tok = tiny_tokenizer
     assert tok.pad_token_id == tok.eos_token_id  # the trap this guards against
     out = encode_examples(tok, ["A?", "A much longer question here?"], ["", ""], ["B.", "C."])
-    features = [{"input_ids": i, "labels": label} for i, label in zip(out["input_ids"], out["labels"])]
+    features = [{"input_ids": i, "labels": label} for i, label in zip(out["input_ids"], out["labels"], strict=True)]
     batch = PaddingCollator(tok.pad_token_id, pad_to_multiple_of=8)(features)
     assert batch["input_ids"].shape[1] % 8 == 0
     short_len = len(out["input_ids"][0])

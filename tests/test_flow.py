@@ -1,0 +1,126 @@
+"""DollyFlow as users run it: through Metaflow's Runner and as `python flows/dolly_flow.py run`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, python_env, write_jsonl
+
+FLOW = REPO / "flows" / "dolly_flow.py"
+
+
+@pytest.fixture(scope="module")
+def flow_home(tmp_path_factory) -> Path:
+    """A working directory for the flow's local datastore and models."""
+    return tmp_path_factory.mktemp("flow-home")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_model_dir, small_dataset_dir, flow_home) -> Path:
+    """local-cpu.json with the tiny model, the small data and a handful of steps."""
+    config = json.loads((REPO / "flows" / "configs" / "local-cpu.json").read_text())
+    config["name"] = "tiny-test"
+    config["base_model"] = str(tiny_model_dir)
+    config["dataset"] = str(small_dataset_dir)
+    config["model_root"] = str(flow_home / "models")
+    config["training"].update(
+        max_steps=4, batch_size=4, eval_batch_size=4, learning_rate=1e-3, logging_steps=1,
+        sample_fraction=1.0, cache_dir=str(flow_home / "cache"),
+    )
+    path = flow_home / "tiny.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def flow_env(flow_home: Path) -> dict[str, str]:
+    return python_env(USERNAME="tester", METAFLOW_DATASTORE_SYSROOT_LOCAL=str(flow_home))
+
+
+def test_tiny_flow_trains_and_publishes_a_model(tiny_config, flow_home):
+    from metaflow import Runner
+
+    with Runner(str(FLOW), show_output=False, env=flow_env(flow_home), cwd=str(flow_home),
+                config=[("config", str(tiny_config))]).run() as running:
+        assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
+        run = running.run
+        log = running.stdout
+
+    start, end = run["start"].task.data, run["end"].task.data
+    assert start.config["preset"] == "tiny-test"
+    assert start.config["dataset_rows"] == {"train": 48, "eval": 16}
+    assert len(start.dataset_fingerprint) == 64
+    metrics = end.training_metrics
+    for key in ("eval_loss_before", "eval_loss_after", "train_loss", "train_runtime_s", "tokens_per_second",
+                "global_step"):
+        assert key in metrics, key
+    assert metrics["global_step"] == 4
+    location = Path(end.model_location)
+    assert location.is_dir() and location.is_relative_to(flow_home / "models")
+    # the trainer's output was streamed into the task log while it ran
+    assert "[trainer] step 4/4" in log
+    assert "Launching: " in log and "--module training.trainer" in log
+    assert "python -m training.generate --model" in log
+
+    from training.generate import generate_response, load_for_generation
+
+    model, tokenizer = load_for_generation(str(location))
+    answer = generate_response(model, tokenizer, "Name a color.", max_new_tokens=6)
+    assert answer.new_tokens <= 6
+
+
+def test_run_help_lists_parameters_with_help():
+    result = subprocess.run([sys.executable, str(FLOW), "run", "--help"], env=python_env(USERNAME="tester"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ("--base-model", "--dataset", "--epochs", "--max-steps", "--learning-rate", "--batch-size",
+                 "--deepspeed-config"):
+        assert name in result.stdout, name
+
+
+def _write_bad(tmp: Path, kind: str) -> list[str]:
+    if kind == "missing-dataset":
+        return ["--dataset", str(tmp / "nope.jsonl")]
+    if kind == "malformed-json":
+        path = tmp / "bad.jsonl"
+        path.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a", \n')
+        return ["--dataset", str(path)]
+    if kind == "row-without-response":
+        path = write_jsonl(tmp / "noresp.jsonl", [{"instruction": "a", "response": "b"}, {"instruction": "a"}])
+        return ["--dataset", str(path)]
+    if kind == "unknown-zero-stage":
+        path = tmp / "ds.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+        return ["--deepspeed-config", str(path)]
+    if kind == "batch-size-zero":
+        return ["--batch-size", "0"]
+    if kind == "missing-model-dir":
+        return ["--base-model", str(tmp / "no-model")]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("missing-dataset", "nope.jsonl does not exist"),
+        ("malformed-json", "bad.jsonl line 2: not valid JSON"),
+        ("row-without-response", "noresp.jsonl line 2: no 'response' (Dolly schema) or 'output'"),
+        ("unknown-zero-stage", "zero_optimization.stage 7"),
+        ("batch-size-zero", "--per_device_train_batch_size: must be positive, got 0"),
+        ("missing-model-dir", "no-model does not exist"),
+    ],
+)
+def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, kind, expected):
+    args = _write_bad(tmp_path, kind)
+    result = subprocess.run(
+        [sys.executable, str(FLOW), "--config", "config", str(tiny_config), "run", *args],
+        cwd=flow_home, env=flow_env(flow_home), capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "DollyFlow cannot start" in output and expected in output, output[-3000:]
+    assert "/start/" in output and "/train/" not in output  # stopped before any training task

@@ -1,0 +1,134 @@
+"""The trainer as users run it: `python -m training.trainer` and the `deepspeed` launcher."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, python_env, write_jsonl
+
+TRAINER = [sys.executable, "-m", "training.trainer"]
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def train_losses(output: str) -> list[float]:
+    return [float(m) for m in re.findall(r"\[trainer\] step \d+/\d+ loss=([0-9.e+-]+)", output)]
+
+
+def test_help_lists_every_argument_with_help_text():
+    result = run([*TRAINER, "--help"])
+    assert result.returncode == 0, result.stderr
+    for flag in (
+        "--base_model", "--dataset", "--output_dir", "--epochs", "--max_steps",
+        "--per_device_train_batch_size", "--per_device_eval_batch_size", "--gradient_accumulation_steps",
+        "--learning_rate", "--warmup_steps", "--weight_decay", "--seed", "--max_seq_length", "--test_size",
+        "--logging_steps", "--eval_steps", "--save_steps", "--save_total_limit", "--deepspeed",
+        "--precision", "--gradient_checkpointing", "--sample_fraction", "--trust_remote_code", "--skip_bad_rows",
+    ):
+        assert flag in result.stdout, flag
+    assert "runs code from" in result.stdout.lower() or "remote code" in result.stdout.lower()
+
+
+def test_tiny_model_trains_saves_and_loads(tiny_model_dir, small_dataset_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run([
+        *TRAINER, "--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir),
+        "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-3", "--logging_steps", "2", "--cache_dir", str(tmp_path / "cache"),
+    ])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("eval_loss_before", "eval_loss_after", "train_loss", "train_runtime_s", "tokens_per_second",
+                "global_step", "tokens", "train_rows", "eval_rows", "dropped_long_rows"):
+        assert key in metrics, key
+    assert metrics["global_step"] == 6
+    assert (metrics["train_rows"], metrics["eval_rows"]) == (48, 16)
+    assert all(math.isfinite(metrics[k]) for k in ("eval_loss_before", "eval_loss_after", "train_loss"))
+    assert metrics["tokens"] > 0 and metrics["tokens_per_second"] > 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs missing"
+    assert list((out / "checkpoints").glob("checkpoint-*")), "no checkpoint written"
+
+    from transformers import AutoModelForCausalLM
+
+    from training.generate import generate_response, load_for_generation
+
+    AutoModelForCausalLM.from_pretrained(out)  # a plain HF model directory
+    model, tokenizer = load_for_generation(str(out))
+    result = generate_response(model, tokenizer, "Name a color.", max_new_tokens=8)
+    assert result.new_tokens <= 8 and isinstance(result.text, str)
+
+
+def test_loss_falls_on_a_repeated_batch(tiny_model_dir, tmp_path):
+    row = {"instruction": "What is the capital of France?", "context": "", "response": "Paris is the capital.",
+           "category": "open_qa"}
+    data = tmp_path / "repeat"
+    write_jsonl(data / "train.jsonl", [row] * 8)
+    write_jsonl(data / "eval.jsonl", [row] * 2)
+    out = tmp_path / "out"
+    result = run([
+        *TRAINER, "--base_model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(out),
+        "--max_steps", "20", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
+        "--logging_steps", "1", "--save_steps", "1000", "--cache_dir", str(tmp_path / "cache"),
+    ])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = train_losses(result.stdout)
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_loss_after"] < 0.5 * metrics["eval_loss_before"]
+
+
+def test_bad_inputs_stop_before_loading_anything(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "response": "y"}\n{not json\n')
+    result = run([*TRAINER, "--dataset", str(bad), "--per_device_train_batch_size", "0", "--output_dir", str(tmp_path)])
+    assert result.returncode != 0
+    assert "--per_device_train_batch_size: must be positive" in result.stderr
+    result = run([*TRAINER, "--dataset", str(bad), "--output_dir", str(tmp_path)])
+    assert result.returncode != 0
+    assert f"{bad} line 2: not valid JSON" in result.stderr
+
+
+def test_deepspeed_zero2_one_cpu_rank_through_the_launcher(tiny_model_dir, small_dataset_dir, tmp_path):
+    out = tmp_path / "out"
+    launcher = Path(sys.executable).parent / "deepspeed"
+    result = run([
+        str(launcher), "--num_gpus", "1", "--master_port", "29517", "--module", "training.trainer",
+        "--deepspeed", "ds_configs/zero2.json", "--base_model", str(tiny_model_dir),
+        "--dataset", str(small_dataset_dir), "--output_dir", str(out), "--max_steps", "4",
+        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--cache_dir", str(tmp_path / "cache"),
+    ])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert "DeepSpeed" in result.stdout + result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["world_size"] == 1
+    # DeepSpeed wrote its ZeRO checkpoint layout (global_step*/ with optimizer shards)
+    assert list((out / "checkpoints").rglob("*optim_states.pt"))
+    assert len(train_losses(result.stdout)) == 4
+
+
+@pytest.mark.parametrize("config", ["zero3.json"])
+def test_deepspeed_zero3_saves_a_full_model(tiny_model_dir, small_dataset_dir, tmp_path, config):
+    out = tmp_path / "out"
+    launcher = Path(sys.executable).parent / "deepspeed"
+    result = run([
+        str(launcher), "--num_gpus", "1", "--master_port", "29518", "--module", "training.trainer",
+        "--deepspeed", f"ds_configs/{config}", "--base_model", str(tiny_model_dir),
+        "--dataset", str(small_dataset_dir), "--output_dir", str(out), "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--cache_dir", str(tmp_path / "cache"),
+    ])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(p.numel() > 0 for p in model.parameters())  # gathered, not empty ZeRO-3 shards
