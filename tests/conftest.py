@@ -18,6 +18,9 @@ SAMPLE_DIR = REPO / "training" / "data" / "dolly_sample"
 # Tests must never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Metaflow refuses to run (and its client to read runs) without a user name; CI may have none.
+if not (os.environ.get("USERNAME") or os.environ.get("USER")):
+    os.environ["USERNAME"] = "tester"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -54,7 +57,7 @@ def build_tiny_model(out_dir: Path, *, vocab_size: int = 400) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,

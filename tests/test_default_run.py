@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
-    env = python_env(USERNAME=os.environ.get("USERNAME", "tester"), METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path))
+    env = python_env(METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path))
     result = subprocess.run(
         [sys.executable, str(REPO / "flows" / "dolly_flow.py"), "run"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200,

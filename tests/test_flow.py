@@ -30,7 +30,7 @@ def tiny_config(tiny_model_dir, small_dataset_dir, flow_home) -> Path:
     config["model_root"] = str(flow_home / "models")
     config["training"].update(
         max_steps=4, batch_size=4, eval_batch_size=4, learning_rate=1e-3, logging_steps=1,
-        sample_fraction=1.0, cache_dir=str(flow_home / "cache"),
+        sample_fraction=1.0, max_seq_length=1024, cache_dir=str(flow_home / "cache"),
     )
     path = flow_home / "tiny.json"
     path.write_text(json.dumps(config))
@@ -38,11 +38,13 @@ def tiny_config(tiny_model_dir, small_dataset_dir, flow_home) -> Path:
 
 
 def flow_env(flow_home: Path) -> dict[str, str]:
-    return python_env(USERNAME="tester", METAFLOW_DATASTORE_SYSROOT_LOCAL=str(flow_home))
+    return python_env(METAFLOW_DATASTORE_SYSROOT_LOCAL=str(flow_home))
 
 
-def test_tiny_flow_trains_and_publishes_a_model(tiny_config, flow_home):
+def test_tiny_flow_trains_and_publishes_a_model(tiny_config, flow_home, monkeypatch):
     from metaflow import Runner
+
+    monkeypatch.setenv("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(flow_home))
 
     with Runner(str(FLOW), show_output=False, env=flow_env(flow_home), cwd=str(flow_home),
                 config=[("config", str(tiny_config))]).run() as running:
@@ -74,7 +76,7 @@ def test_tiny_flow_trains_and_publishes_a_model(tiny_config, flow_home):
 
 
 def test_run_help_lists_parameters_with_help():
-    result = subprocess.run([sys.executable, str(FLOW), "run", "--help"], env=python_env(USERNAME="tester"),
+    result = subprocess.run([sys.executable, str(FLOW), "run", "--help"], env=python_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for name in ("--base-model", "--dataset", "--epochs", "--max-steps", "--learning-rate", "--batch-size",

@@ -43,7 +43,8 @@ def test_tiny_model_trains_saves_and_loads(tiny_model_dir, small_dataset_dir, tm
     result = run([
         *TRAINER, "--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir),
         "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-3", "--logging_steps", "2", "--cache_dir", str(tmp_path / "cache"),
+        "--learning_rate", "1e-3", "--logging_steps", "2", "--max_seq_length", "1024",
+        "--cache_dir", str(tmp_path / "cache"),
     ])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -51,7 +52,7 @@ def test_tiny_model_trains_saves_and_loads(tiny_model_dir, small_dataset_dir, tm
                 "global_step", "tokens", "train_rows", "eval_rows", "dropped_long_rows"):
         assert key in metrics, key
     assert metrics["global_step"] == 6
-    assert (metrics["train_rows"], metrics["eval_rows"]) == (48, 16)
+    assert (metrics["train_rows"], metrics["eval_rows"], metrics["dropped_long_rows"]) == (48, 16, 0)
     assert all(math.isfinite(metrics[k]) for k in ("eval_loss_before", "eval_loss_after", "train_loss"))
     assert metrics["tokens"] > 0 and metrics["tokens_per_second"] > 0
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
@@ -77,12 +78,12 @@ def test_loss_falls_on_a_repeated_batch(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     result = run([
         *TRAINER, "--base_model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(out),
-        "--max_steps", "20", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
+        "--max_steps", "30", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
         "--logging_steps", "1", "--save_steps", "1000", "--cache_dir", str(tmp_path / "cache"),
     ])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     losses = train_losses(result.stdout)
-    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0], losses
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_loss_after"] < 0.5 * metrics["eval_loss_before"]
