@@ -15,17 +15,46 @@ Run it:
 """
 
 import json
+import re
 from pathlib import Path
 
 from metaflow import Config, FlowSpec, Parameter, current, package_sources, resources, step
+from metaflow.exception import MetaflowException
 from model_store import LocalModelStore
 from trainer_launch import launch_command, run_streaming, trainer_arguments, visible_gpus
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
+# The trainer's flags that this flow exposes as parameters; every other trainer flag is set by
+# the config's "training" section. Problems are reported in the flow's terms.
+PARAMETER_FOR_FLAG = {
+    "base_model": "--base-model",
+    "dataset": "--dataset",
+    "deepspeed": "--deepspeed-config",
+    "epochs": "--epochs",
+    "max_steps": "--max-steps",
+    "learning_rate": "--learning-rate",
+    "per_device_train_batch_size": "--batch-size",
+}
+CONFIG_KEY_FOR_FLAG = {"per_device_eval_batch_size": "eval_batch_size"}
 
-class InvalidRunInputs(ValueError):
+
+class InvalidRunInputs(MetaflowException):
     """One or more inputs cannot work; raised in `start` with every problem and its fix."""
+
+    headline = "Invalid DollyFlow inputs"
+
+
+def in_flow_terms(problem: str) -> str:
+    """Rename trainer flags in a problem to the flow parameter or config key that sets them."""
+
+    def rename(match: re.Match) -> str:
+        name = match.group(1)
+        if name in PARAMETER_FOR_FLAG:
+            return PARAMETER_FOR_FLAG[name]
+        return f"config training.{CONFIG_KEY_FOR_FLAG.get(name, name)}"
+
+    return re.sub(r"--(\w+)", rename, problem)
 
 
 # training/ and ds_configs/ live beside flows/, not in it: ship them in the code package so
@@ -102,19 +131,20 @@ class DollyFlow(FlowSpec):
                 resolve_precision(train_args.precision, cuda=False, compute_capability=None)
             except ValueError as err:
                 problems.append(str(err))
-        data = None
-        if not problems:
-            try:
-                data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows)
-            except DatasetError as err:
-                problems.append(str(err))
+        # Every problem at once: the data is checked even when a number is already wrong.
+        try:
+            data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows)
+        except DatasetError as err:
+            problems.append(str(err))
+        if not problems:  # resolving may convert the bundled model: only worth it if all else is fine
             try:
                 resolved_model = resolve_base_model(model_args.base_model)
             except BaseModelError as err:
                 problems.append(str(err))
         if problems:
             raise InvalidRunInputs(
-                "DollyFlow cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems)
+                "DollyFlow cannot start:\n  "
+                + "\n  ".join(in_flow_terms(p).replace("\n", "\n  ") for p in problems)
             )
 
         self.dataset_fingerprint = data.fingerprint

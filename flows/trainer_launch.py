@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from metaflow.exception import MetaflowException
+
 import training
 
 # Where the `training` package lives: on a laptop the repository, on Kubernetes the unpacked
@@ -23,8 +25,10 @@ import training
 CODE_ROOT = Path(training.__file__).resolve().parent.parent
 
 
-class TrainerFailed(RuntimeError):
+class TrainerFailed(MetaflowException):
     """The trainer subprocess exited non-zero; the message holds its last output lines."""
+
+    headline = "The trainer failed"
 
 
 def trainer_arguments(

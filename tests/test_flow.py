@@ -102,6 +102,8 @@ def _write_bad(tmp: Path, kind: str) -> list[str]:
         return ["--batch-size", "0"]
     if kind == "missing-model-dir":
         return ["--base-model", str(tmp / "no-model")]
+    if kind == "two-problems":
+        return ["--batch-size", "0", "--dataset", str(tmp / "nope.jsonl")]
     raise AssertionError(kind)
 
 
@@ -110,10 +112,14 @@ def _write_bad(tmp: Path, kind: str) -> list[str]:
     [
         ("missing-dataset", "nope.jsonl does not exist"),
         ("malformed-json", "bad.jsonl line 2: not valid JSON"),
+        ("malformed-json", "or set config training.skip_bad_rows to skip"),
         ("row-without-response", "noresp.jsonl line 2: no 'response' (Dolly schema) or 'output'"),
+        ("unknown-zero-stage", "--deepspeed-config: "),
         ("unknown-zero-stage", "zero_optimization.stage 7"),
-        ("batch-size-zero", "--per_device_train_batch_size: must be positive, got 0"),
+        ("batch-size-zero", "--batch-size: must be positive, got 0"),
         ("missing-model-dir", "no-model does not exist"),
+        ("two-problems", "--batch-size: must be positive, got 0."),
+        ("two-problems", "--dataset: "),
     ],
 )
 def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, kind, expected):
@@ -126,3 +132,29 @@ def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, kind, expect
     assert result.returncode != 0
     assert "DollyFlow cannot start" in output and expected in output, output[-3000:]
     assert "/start/" in output and "/train/" not in output  # stopped before any training task
+
+
+def test_trainer_failure_fails_the_train_step_with_the_trainers_error(tiny_config, flow_home, tmp_path):
+    # Passes every start check, but every row is longer than 24 tokens: the trainer stops.
+    config = json.loads(tiny_config.read_text())
+    config["training"]["max_seq_length"] = 24
+    path = tmp_path / "short.json"
+    path.write_text(json.dumps(config))
+    result = subprocess.run(
+        [sys.executable, str(FLOW), "--config", "config", str(path), "run"],
+        cwd=flow_home, env=flow_env(flow_home), capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "/train/" in output and "The trainer failed" in output, output[-3000:]
+    assert "every train row is longer than --max_seq_length 24" in output
+
+
+def test_code_package_ships_training_ds_configs_and_presets():
+    result = subprocess.run([sys.executable, str(FLOW), "package", "list"], env=python_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    listed = result.stdout + result.stderr
+    for relative in ("training/trainer.py", "training/data/dolly_sample/train.jsonl", "ds_configs/zero2.json",
+                     "ds_configs/a100x4.json", "flows/configs/local-cpu.json", "flows/trainer_launch.py"):
+        assert str(REPO / relative) in listed, relative

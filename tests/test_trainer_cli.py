@@ -68,6 +68,11 @@ def test_tiny_model_trains_saves_and_loads(tiny_model_dir, small_dataset_dir, tm
     result = generate_response(model, tokenizer, "Name a color.", max_new_tokens=8)
     assert result.new_tokens <= 8 and isinstance(result.text, str)
 
+    cli = run([sys.executable, "-m", "training.generate", "--model", str(out), "--max-new-tokens", "8",
+               "--context", "Colors: red, blue.", "Name a color."])
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert cli.stdout.strip()  # the answer, or the note that it stopped at --max-new-tokens
+
 
 def test_loss_falls_on_a_repeated_batch(tiny_model_dir, tmp_path):
     row = {"instruction": "What is the capital of France?", "context": "", "response": "Paris is the capital.",

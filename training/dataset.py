@@ -155,6 +155,18 @@ def _split_files(directory: Path) -> dict[str, list[Path]]:
 
 def _download_s3(url: str, cache_dir: Path) -> Path:
     """Download an s3:// file or prefix into the cache; returns the local file or directory."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return _download_s3_objects(url, cache_dir)
+    except (BotoCoreError, ClientError) as err:
+        raise DatasetError(
+            f"--dataset: could not read {url}: {err}. Check the URL, the bucket's region and "
+            "your AWS credentials."
+        ) from err
+
+
+def _download_s3_objects(url: str, cache_dir: Path) -> Path:
     import boto3
 
     bucket, _, key = url[len("s3://") :].partition("/")
@@ -266,7 +278,7 @@ def load_instruction_data(
         raise DatasetError(
             f"--dataset: {len(problems)} bad row(s) in {source}:\n  {shown}"
             + (f"\n  ... and {more} more" if more > 0 else "")
-            + "\nFix these rows, or pass --skip_bad_rows to skip and count them."
+            + "\nFix these rows, or set --skip_bad_rows to skip and count them."
         )
     if not normalized["train"]:
         raise DatasetError(f"--dataset: {source} has no usable training rows.")
