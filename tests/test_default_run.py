@@ -7,10 +7,6 @@ a response that ends at `### End`.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,19 +17,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
+    from metaflow import Runner
+
     env = python_env(METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path))
-    result = subprocess.run(
-        [sys.executable, str(REPO / "flows" / "dolly_flow.py"), "run"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200,
-    )
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-
-    from metaflow import Flow, namespace
-
-    os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(tmp_path)
-    namespace(None)
-    run_id = re.search(r"Workflow starting \(run-id (\w+)\)", result.stdout + result.stderr).group(1)
-    run = Flow("DollyFlow")[run_id]
+    # Runner runs `python flows/dolly_flow.py run` with no arguments, in its own process.
+    with Runner(str(REPO / "flows" / "dolly_flow.py"), show_output=False, env=env, cwd=str(tmp_path)).run() as running:
+        assert running.status == "successful", running.stdout[-5000:] + running.stderr[-5000:]
+        run = running.run
     metrics = run.data.training_metrics
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"], metrics
     location = Path(run.data.model_location)
