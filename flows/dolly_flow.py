@@ -15,8 +15,15 @@ Run it:
 """
 
 import json
+import os
 import re
 from pathlib import Path
+
+# Metaflow refuses to run without a non-root user name (METAFLOW_USER, SUDO_USER, USERNAME or
+# USER). In a root container (CI, a fresh cloud machine) record runs as user "dolly" instead of
+# failing the very first command.
+if all(os.environ.get(var) in (None, "", "root") for var in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
+    os.environ["METAFLOW_USER"] = "dolly"
 
 from metaflow import Config, FlowSpec, Parameter, current, package_sources, resources, step
 from metaflow.exception import MetaflowException

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# torch before Metaflow: under pytest, Metaflow's vendored typing_extensions gets to patch
+# typing._collect_parameters first, and a torch imported after that fails at import with
+# "Type parameter ~_R without a default follows type parameter with a default".
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO / "training" / "data" / "dolly_sample"
 
@@ -62,7 +67,6 @@ def build_tiny_model(out_dir: Path, *, vocab_size: int = 400) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    import torch
 
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out_dir)

@@ -21,7 +21,6 @@ Writes to ``--output_dir``: the final model (safetensors + tokenizer, loadable w
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -199,7 +198,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     trainer.save_model(str(output_dir))  # gathers ZeRO-3 shards into one safetensors model
     state = trainer.state
 
-    eval_before = progress.eval_losses[0][1] if progress.eval_losses else math.nan
+    eval_before = progress.eval_losses[0][1]  # eval_on_start: the loss of the untrained model
     runtime = float(result.metrics["train_runtime"])
     tokens = int(state.num_input_tokens_seen)
     metrics = {
@@ -217,7 +216,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "eval_loss_history": progress.eval_losses,
         "train_loss": float(result.training_loss),
         "train_runtime_s": runtime,
-        "train_samples": int(len(train_set) * state.num_train_epochs) if train_args.max_steps < 0 else None,
+        "train_samples": round(len(train_set) * (state.epoch or 0.0)),  # sequences trained on
         "tokens": tokens,
         "tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
         "global_step": int(state.global_step),
