@@ -139,33 +139,32 @@ def test_split_and_sample_are_deterministic_and_disjoint():
         sample_and_split(data, sample_fraction=1.0, test_size=10_000, seed=1)
 
 
-def test_s3_file_and_prefix_are_downloaded_and_read(tmp_path, monkeypatch):
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A boto3 S3 client on moto's in-process S3, with an empty bucket named "data"."""
     boto3 = pytest.importorskip("boto3")
     moto = pytest.importorskip("moto")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     with moto.mock_aws():
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket="data")
-        s3.put_object(Bucket="data", Key="dolly/train.jsonl", Body="\n".join([json.dumps(GOOD)] * 4))
-        s3.put_object(Bucket="data", Key="dolly/eval.jsonl", Body=json.dumps(GOOD))
-        s3.put_object(Bucket="data", Key="dolly/README.md", Body="not data")
-        one_file = load_instruction_data("s3://data/dolly/train.jsonl", cache_dir=tmp_path)
-        assert (len(one_file.train), len(one_file.eval)) == (4, 0)
-        prefix = load_instruction_data("s3://data/dolly/", cache_dir=tmp_path)
-        assert (len(prefix.train), len(prefix.eval)) == (4, 1)
-        with pytest.raises(DatasetError, match="holds no"):
-            load_instruction_data("s3://data/empty/", cache_dir=tmp_path)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="data")
+        yield client
 
 
-def test_s3_missing_key_is_a_clear_error(tmp_path, monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    moto = pytest.importorskip("moto")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with moto.mock_aws():
-        boto3.client("s3").create_bucket(Bucket="data")
-        with pytest.raises(DatasetError, match="could not read s3://data/missing.jsonl"):
-            load_instruction_data("s3://data/missing.jsonl", cache_dir=tmp_path)
+def test_s3_file_and_prefix_are_downloaded_and_read(tmp_path, s3_bucket):
+    s3_bucket.put_object(Bucket="data", Key="dolly/train.jsonl", Body="\n".join([json.dumps(GOOD)] * 4))
+    s3_bucket.put_object(Bucket="data", Key="dolly/eval.jsonl", Body=json.dumps(GOOD))
+    s3_bucket.put_object(Bucket="data", Key="dolly/README.md", Body="not data")
+    one_file = load_instruction_data("s3://data/dolly/train.jsonl", cache_dir=tmp_path)
+    assert (len(one_file.train), len(one_file.eval)) == (4, 0)
+    prefix = load_instruction_data("s3://data/dolly/", cache_dir=tmp_path)
+    assert (len(prefix.train), len(prefix.eval)) == (4, 1)
+    with pytest.raises(DatasetError, match="holds no"):
+        load_instruction_data("s3://data/empty/", cache_dir=tmp_path)
+
+
+def test_s3_missing_key_is_a_clear_error(tmp_path, s3_bucket):
+    with pytest.raises(DatasetError, match="could not read s3://data/missing.jsonl"):
+        load_instruction_data("s3://data/missing.jsonl", cache_dir=tmp_path)
