@@ -12,11 +12,6 @@ from pathlib import Path
 
 import pytest
 
-# torch before Metaflow: under pytest, Metaflow's vendored typing_extensions gets to patch
-# typing._collect_parameters first, and a torch imported after that fails at import with
-# "Type parameter ~_R without a default follows type parameter with a default".
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO / "training" / "data" / "dolly_sample"
 
@@ -68,6 +63,8 @@ def build_tiny_model(out_dir: Path, *, vocab_size: int = 400) -> Path:
         tie_word_embeddings=True,
     )
 
+    import torch
+
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -102,3 +99,22 @@ def python_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
+
+
+def metaflow_runner(*args, **kwargs):
+    """``metaflow.Runner(*args, **kwargs)``, undoing the typing patch its constructor applies.
+
+    Metaflow 2.19's Runner imports its vendored typing_extensions, which replaces the standard
+    ``typing._collect_parameters`` with an older copy; any generic class with TypeVar defaults
+    defined after that (torch, transformers) fails to import with "Type parameter ~_T1 without a
+    default follows type parameter with a default". Restoring it keeps the test process usable.
+    """
+    import typing
+
+    from metaflow import Runner
+
+    original = typing._collect_parameters
+    try:
+        return Runner(*args, **kwargs)
+    finally:
+        typing._collect_parameters = original

@@ -11,17 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, python_env, read_jsonl
+from tests.conftest import REPO, metaflow_runner, python_env, read_jsonl
 
 pytestmark = pytest.mark.slow
 
 
 def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
-    from metaflow import Runner
-
     env = python_env(METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path))
     # Runner runs `python flows/dolly_flow.py run` with no arguments, in its own process.
-    with Runner(str(REPO / "flows" / "dolly_flow.py"), show_output=False, env=env, cwd=str(tmp_path)).run() as running:
+    with metaflow_runner(str(REPO / "flows" / "dolly_flow.py"), show_output=False, env=env, cwd=str(tmp_path)).run() as running:
         assert running.status == "successful", running.stdout[-5000:] + running.stderr[-5000:]
         run = running.run
     metrics = run.data.training_metrics

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, python_env, write_jsonl
+from tests.conftest import REPO, metaflow_runner, python_env, write_jsonl
 
 FLOW = REPO / "flows" / "dolly_flow.py"
 
@@ -42,11 +42,9 @@ def flow_env(flow_home: Path) -> dict[str, str]:
 
 
 def test_tiny_flow_trains_and_publishes_a_model(tiny_config, flow_home, monkeypatch):
-    from metaflow import Runner
-
     monkeypatch.setenv("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(flow_home))
 
-    with Runner(str(FLOW), show_output=False, env=flow_env(flow_home), cwd=str(flow_home),
+    with metaflow_runner(str(FLOW), show_output=False, env=flow_env(flow_home), cwd=str(flow_home),
                 config=[("config", str(tiny_config))]).run() as running:
         assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
         run = running.run
