@@ -5,6 +5,8 @@ Steps:
            here, before any GPU is spent; record `config` and `dataset_fingerprint`.
     train  run the HF Trainer script under DeepSpeed, one process per visible GPU (one CPU rank
            without a GPU), its output streamed into the task log; publish the model.
+           @gpu_profile samples every GPU and the host and shows them in the live card
+           `python flows/dolly_flow.py card view train --id gpu_profile`.
     end    publish `model_location` and `training_metrics`, and print how to load the model.
 
 Run it:
@@ -29,6 +31,8 @@ from metaflow import Config, FlowSpec, Parameter, current, package_sources, reso
 from metaflow.exception import MetaflowException
 from model_store import LocalModelStore
 from trainer_launch import launch_command, run_streaming, trainer_arguments, visible_gpus
+
+from gpu_profile import gpu_profile
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -64,10 +68,15 @@ def in_flow_terms(problem: str) -> str:
     return re.sub(r"--(\w+)", rename, problem)
 
 
-# training/ and ds_configs/ live beside flows/, not in it: ship them in the code package so
-# remote tasks (Kubernetes, Argo) find them.
+# training/, gpu_profile/ and ds_configs/ live beside flows/, not in it: ship them in the code
+# package so remote tasks (Kubernetes, Argo) find them.
 @package_sources(
-    [("../training", "training"), ("../ds_configs", "ds_configs"), ("configs", "configs")],
+    [
+        ("../training", "training"),
+        ("../gpu_profile", "gpu_profile"),
+        ("../ds_configs", "ds_configs"),
+        ("configs", "configs"),
+    ],
     suffixes=[".py", ".json", ".jsonl"],
 )
 class DollyFlow(FlowSpec):
@@ -179,6 +188,7 @@ class DollyFlow(FlowSpec):
         )
         self.next(self.train)
 
+    @gpu_profile(interval=1)
     @resources(
         cpu=settings.resources.cpu,
         gpu=settings.resources.gpu,
