@@ -9,36 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, metaflow_runner, python_env, write_jsonl
+from tests.conftest import REPO, flow_env, metaflow_runner, python_env, write_jsonl
 
 FLOW = REPO / "flows" / "dolly_flow.py"
-
-
-@pytest.fixture(scope="module")
-def flow_home(tmp_path_factory) -> Path:
-    """A working directory for the flow's local datastore and models."""
-    return tmp_path_factory.mktemp("flow-home")
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tiny_model_dir, small_dataset_dir, flow_home) -> Path:
-    """local-cpu.json with the tiny model, the small data and a handful of steps."""
-    config = json.loads((REPO / "flows" / "configs" / "local-cpu.json").read_text())
-    config["name"] = "tiny-test"
-    config["base_model"] = str(tiny_model_dir)
-    config["dataset"] = str(small_dataset_dir)
-    config["model_root"] = str(flow_home / "models")
-    config["training"].update(
-        max_steps=4, batch_size=4, eval_batch_size=4, learning_rate=1e-3, logging_steps=1,
-        sample_fraction=1.0, max_seq_length=1024, cache_dir=str(flow_home / "cache"),
-    )
-    path = flow_home / "tiny.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def flow_env(flow_home: Path) -> dict[str, str]:
-    return python_env(METAFLOW_DATASTORE_SYSROOT_LOCAL=str(flow_home))
 
 
 def test_tiny_flow_trains_and_publishes_a_model(tiny_config, flow_home, monkeypatch):

@@ -1,0 +1,138 @@
+"""@gpu_profile in real flow runs: the card, the artifacts, validation, and a real browser."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, flow_env, metaflow_runner, python_env
+
+FLOW = REPO / "flows" / "dolly_flow.py"
+SHIM = REPO / "tests" / "gpu_profile" / "nvml_shim"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def card_components(html: str) -> list[dict]:
+    """The components a Metaflow card HTML carries (base64 JSON the card's own JS renders)."""
+    encoded = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([A-Za-z0-9+/=]+)"', html).group(1)
+    return json.loads(base64.b64decode(encoded))["components"]
+
+
+def component_types(components: list) -> Counter:
+    found: Counter = Counter()
+
+    def walk(node):
+        if isinstance(node, dict):
+            found[node.get("type")] += 1
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(components)
+    return found
+
+
+def run_tiny_flow(tiny_config: Path, flow_home: Path, **env: str):
+    with metaflow_runner(str(FLOW), show_output=False, env={**flow_env(flow_home), **env}, cwd=str(flow_home),
+                         config=[("config", str(tiny_config))]).run() as running:
+        assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
+        return running.run
+
+
+def profile_card_html(task) -> str:
+    from metaflow.cards import get_cards
+
+    cards = get_cards(task, id="gpu_profile")
+    assert len(cards) == 1
+    return cards[0].get()
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tiny_config, flow_home):
+    return run_tiny_flow(tiny_config, flow_home)
+
+
+def test_cpu_node_card_shows_host_and_why_no_gpu(cpu_run):
+    task = cpu_run["train"].task
+    data = task.data.gpu_profile_data
+    assert task.data.gpu_profile_num_gpus == 0 and data["num_gpus"] == 0
+    assert len(data["host"]["t"]) >= 2 and max(data["host"]["cpu_percent"]) > 0
+    components = card_components(profile_card_html(task))
+    text = json.dumps(components)
+    assert "No NVIDIA GPU visible" in text and "NVML" in text
+    assert component_types(components)["image"] == 1  # the host CPU/RAM chart
+
+
+def test_simulated_four_gpu_node_gets_one_chart_set_per_gpu(tiny_config, flow_home):
+    run = run_tiny_flow(tiny_config, flow_home, PYTHONPATH=f"{SHIM}:{SHIM.parent}:{REPO}")
+    task = run["train"].task
+    data = task.data.gpu_profile_data
+    assert task.data.gpu_profile_num_gpus == 4
+    assert [d["name"] for d in data["devices"]] == ["NVIDIA A100-SXM4-80GB"] * 4
+    assert all(len(g["t"]) >= 2 and max(g["util"]) == busy for g, busy in zip(data["gpus"], (97, 91, 12, 0), strict=True))
+    assert "nvmlDeviceGetPowerUsage" in json.dumps(data["gpus"][3]["unsupported"]) or data["gpus"][3]["unsupported"]
+    components = card_components(profile_card_html(task))
+    text = json.dumps(components)
+    assert component_types(components)["image"] == 4 + 1  # per GPU, plus the host
+    assert "NV4" in text and "SYS" in text  # the topology table and its legend
+    assert "NVIDIA A100-SXM4-80GB" in text
+
+
+def test_bad_interval_fails_flow_validation_naming_decorator_and_step(tmp_path):
+    flow = tmp_path / "bad_interval_flow.py"
+    flow.write_text(
+        "from metaflow import FlowSpec, step\n"
+        "from gpu_profile import gpu_profile\n\n"
+        "class BadIntervalFlow(FlowSpec):\n"
+        "    @gpu_profile(interval=-1)\n"
+        "    @step\n"
+        "    def start(self):\n"
+        "        self.next(self.end)\n\n"
+        "    @step\n"
+        "    def end(self):\n"
+        "        pass\n\n"
+        "if __name__ == '__main__':\n"
+        "    BadIntervalFlow()\n"
+    )
+    result = subprocess.run([sys.executable, str(flow), "run"], cwd=tmp_path, env=python_env(),
+                            capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "@gpu_profile on step 'start': interval=-1" in output, output[-2000:]
+    assert "Workflow starting" not in output  # refused before any task ran
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_card_renders_charts_in_a_real_browser(cpu_run, tmp_path):
+    html = tmp_path / "gpu_profile_card.html"
+    html.write_text(profile_card_html(cpu_run["train"].task))
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "gpu_profile_card.png"
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000",
+             "--enable-logging=stderr", "--v=0", "--window-size=1200,1400"]
+    dom = subprocess.run([*flags, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # The card's own JavaScript turned the embedded JSON into elements: the chart is an <img>
+    # with the PNG inline (no network), and the verdict text is on the page.
+    assert len(re.findall(r"<img[^>]+src=\"data:image/png", dom.stdout)) == 1
+    assert "No NVIDIA GPU visible" in dom.stdout
+    console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
+    assert console_errors == []
+    shot = subprocess.run([*flags, f"--screenshot={screenshot}", html.as_uri()], capture_output=True, text=True,
+                          timeout=120)
+    assert shot.returncode == 0 and screenshot.stat().st_size > 20_000  # a blank page is a few KB
