@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, kind, expect
     assert "/start/" in output and "/train/" not in output  # stopped before any training task
 
 
-def test_trainer_failure_fails_the_train_step_with_the_trainers_error(tiny_config, flow_home, tmp_path):
+def test_trainer_failure_fails_the_train_step_with_the_trainers_error(tiny_config, flow_home, tmp_path, monkeypatch):
     # Passes every start check, but every row is longer than 24 tokens: the trainer stops.
     config = json.loads(tiny_config.read_text())
     config["training"]["max_seq_length"] = 24
@@ -120,6 +121,18 @@ def test_trainer_failure_fails_the_train_step_with_the_trainers_error(tiny_confi
     assert "/train/" in output and "The trainer failed" in output, output[-3000:]
     assert "every train row is longer than --max_seq_length 24" in output
 
+    # The failed step still has its profile: artifacts and a rendered gpu_profile card.
+    monkeypatch.setenv("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(flow_home))
+    from metaflow import Flow, namespace
+    from metaflow.cards import get_cards
+
+    namespace(None)
+    run_id = re.search(r"Workflow starting \(run-id (\w+)\)", output).group(1)
+    task = Flow("DollyFlow")[run_id]["train"].task
+    assert not task.successful
+    assert task["gpu_profile_data"].data["host"]["t"]
+    assert len(get_cards(task, id="gpu_profile")) == 1
+
 
 def test_code_package_ships_training_ds_configs_and_presets():
     result = subprocess.run([sys.executable, str(FLOW), "package", "list"], env=python_env(),
@@ -127,5 +140,6 @@ def test_code_package_ships_training_ds_configs_and_presets():
     assert result.returncode == 0, result.stderr
     listed = result.stdout + result.stderr
     for relative in ("training/trainer.py", "training/data/dolly_sample/train.jsonl", "ds_configs/zero2.json",
+                     "gpu_profile/decorator.py", "gpu_profile/sampler.py", "gpu_profile/render.py",
                      "ds_configs/a100x4.json", "flows/configs/local-cpu.json", "flows/trainer_launch.py"):
         assert str(REPO / relative) in listed, relative
