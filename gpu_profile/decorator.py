@@ -21,6 +21,7 @@ decorators ship in the flow's code package (Metaflow packages modules that defin
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -108,10 +109,14 @@ class GpuProfileSampling(UserStepDecorator):
     def _render(self, final: bool) -> None:
         from gpu_profile.render import card_components
 
-        card = current.card[CARD_ID]
-        card.clear()
-        card.extend(card_components(self._sampler.snapshot()))
-        card.refresh(force=final)
+        try:
+            components = card_components(self._sampler.snapshot())
+            card = current.card[CARD_ID]
+            card.clear()
+            card.extend(components)
+            card.refresh(force=final)
+        except Exception as err:  # a profile must never fail the training step it watches
+            print(f"@gpu_profile: could not render the card ({type(err).__name__}: {err})", file=sys.stderr)
 
     def _finish(self) -> None:
         self._stopping.set()
