@@ -136,3 +136,53 @@ def test_card_renders_charts_in_a_real_browser(cpu_run, tmp_path):
     shot = subprocess.run([*flags, f"--screenshot={screenshot}", html.as_uri()], capture_output=True, text=True,
                           timeout=120)
     assert shot.returncode == 0 and screenshot.stat().st_size > 20_000  # a blank page is a few KB
+
+
+def test_sigterm_stops_the_profiled_task_promptly(tmp_path):
+    """A preempted pod gets SIGTERM: the sampler and card threads must not keep the task alive."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "task.pid"
+    flow = tmp_path / "sigterm_flow.py"
+    flow.write_text(
+        "import os, time\n"
+        "from metaflow import FlowSpec, step\n"
+        "from gpu_profile import gpu_profile\n\n"
+        "class SigtermFlow(FlowSpec):\n"
+        "    @gpu_profile(interval=0.2)\n"
+        "    @step\n"
+        "    def start(self):\n"
+        f"        open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "        time.sleep(120)\n"
+        "        self.next(self.end)\n\n"
+        "    @step\n"
+        "    def end(self):\n"
+        "        pass\n\n"
+        "if __name__ == '__main__':\n"
+        "    SigtermFlow()\n"
+    )
+    env = python_env(METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path))
+    with subprocess.Popen([sys.executable, str(flow), "run"], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
+        deadline = time.monotonic() + 90
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pid_file.exists(), "the step never started"
+        time.sleep(2)  # let the sampler and the card refresher run
+        task_pid = int(pid_file.read_text())
+        os.kill(task_pid, signal.SIGTERM)
+        sent = time.monotonic()
+        while time.monotonic() - sent < 30:
+            try:
+                os.kill(task_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(task_pid, signal.SIGKILL)
+            pytest.fail("the task was still alive 30 s after SIGTERM")
+        output, _ = run.communicate(timeout=60)
+    assert run.returncode != 0
+    assert "Task failed" in output or "failed" in output
