@@ -109,6 +109,21 @@ class TrainArguments:
         default="auto",
         metadata={"help": "bf16, fp16 or fp32; auto: bf16 on GPUs with compute capability 8.0+, fp16 on older GPUs, fp32 on CPU."},
     )
+    s3_uri: str = field(
+        default="",
+        metadata={
+            "help": "s3://bucket/prefix: every checkpoint is uploaded to <uri>/checkpoints/ while "
+            "training runs (manifest last, save_total_limit applied there too) and the final "
+            "model to <uri>/model/. Empty: everything stays local."
+        },
+    )
+    resume_from: str = field(
+        default="",
+        metadata={
+            "help": "Resume training: 'latest' (the newest valid checkpoint under --s3_uri), an "
+            "s3:// URL of one checkpoint, or a local checkpoint directory."
+        },
+    )
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; do not pass it."})
 
 
@@ -191,6 +206,10 @@ def find_problems(model_args: ModelArguments, data_args: DataArguments, train_ar
     for name in ("eval_steps", "save_steps", "weight_decay", "warmup_steps"):
         if getattr(train_args, name) < 0:
             problems.append(f"--{name}: must be 0 or more, got {getattr(train_args, name)}.")
+    if train_args.s3_uri and not train_args.s3_uri.startswith("s3://"):
+        problems.append(f"--s3_uri: {train_args.s3_uri!r} is not an s3://bucket/prefix URL.")
+    if train_args.resume_from == "latest" and not train_args.s3_uri:
+        problems.append("--resume_from latest: needs --s3_uri, the run prefix to look for checkpoints in.")
     if data_args.max_seq_length < 16:
         problems.append(f"--max_seq_length: {data_args.max_seq_length} is too short for the prompt; use 256 or more.")
     if not 0 < data_args.sample_fraction <= 1:

@@ -46,10 +46,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_manifest(directory: Path) -> dict[str, Any]:
-    """Every file under ``directory`` (relative path, size, sha256), sorted by path."""
+def build_manifest(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every file under ``directory`` (relative path, size, sha256), sorted by path, except those
+    under the top-level folders named in ``exclude``."""
     files = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        if path.relative_to(directory).parts[0] in exclude:
+            continue
         files.append({"path": path.relative_to(directory).as_posix(), "size": path.stat().st_size,
                       "sha256": sha256_file(path)})
     return {"name": directory.name, "created_at": time.time(), "files": files,
@@ -115,10 +118,10 @@ class S3CheckpointStore:
         return TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024,
                               max_concurrency=16)
 
-    def upload(self, directory: Path, name: str | None = None) -> dict[str, Any]:
+    def upload(self, directory: Path, name: str | None = None, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
         """Upload every file of ``directory`` to ``<uri>/<name>/``, then its manifest; returns it."""
         name = name or directory.name
-        manifest = build_manifest(directory)
+        manifest = build_manifest(directory, exclude)
         manifest["name"] = name
         config = self._transfer_config()
         for entry in manifest["files"]:

@@ -36,8 +36,12 @@ from training.arguments import (
     resolve_precision,
     resolve_repo_path,
 )
+from training.checkpoint_store import CheckpointStoreError, S3CheckpointStore
+from training.s3_uploads import STAGING, BackgroundUploader, resolve_resume, upload_callback
 
 METRICS_FILE = "metrics.json"
+# Folders of --output_dir that are not part of the published model.
+LOCAL_ONLY = ("checkpoints", "logs", "resume", STAGING)
 
 
 def _log(message: str) -> None:
@@ -179,7 +183,26 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         model.config.use_cache = False
     _log(f"model {model_args.base_model} ({model_path}): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {precision}")
 
-    progress = _progress_callback()
+    callbacks = [_progress_callback()]
+    progress = callbacks[0]
+    uploader = None
+    if train_args.s3_uri:
+        store = S3CheckpointStore(f"{train_args.s3_uri.rstrip('/')}/checkpoints")
+        store.names()  # reachable and readable, before any training: CheckpointStoreError otherwise
+        if args.local_process_index == 0:
+            uploader = BackgroundUploader(store, keep=train_args.save_total_limit, staging_root=output_dir / STAGING)
+            callbacks.append(upload_callback(uploader))
+    resume_path = None
+    if train_args.resume_from:
+        # One download per node; the other local ranks read which folder it chose.
+        chosen = output_dir / "resume" / "CHOSEN"
+        with args.main_process_first(local=True, desc="checkpoint download"):
+            if args.local_process_index == 0:
+                found = resolve_resume(train_args.resume_from, train_args.s3_uri, output_dir / "resume")
+                chosen.parent.mkdir(parents=True, exist_ok=True)
+                chosen.write_text(str(found or ""))
+            resume_path = chosen.read_text() or None
+
     trainer = Trainer(
         model=model,
         args=args,
@@ -187,10 +210,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         eval_dataset=eval_set,
         data_collator=PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else None),
         processing_class=tokenizer,
-        callbacks=[progress],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # PrintProgress prints one readable line instead
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_path)
     # The epoch/step schedule usually evaluated at the last step already: do not pay for it twice.
     if not progress.eval_losses or progress.eval_losses[-1][0] != trainer.state.global_step:
         trainer.evaluate()
@@ -223,12 +246,25 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "epochs": float(state.epoch or 0.0),
         "total_runtime_s": time.time() - started,
     }
+    if uploader is not None:
+        uploader.close()
+        metrics["checkpoints_uploaded"] = [m["name"] for m in uploader.uploaded]
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(output_dir))
+        if train_args.s3_uri:
+            metrics["model_location"] = f"{train_args.s3_uri.rstrip('/')}/model"
         (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        if train_args.s3_uri:
+            S3CheckpointStore(train_args.s3_uri).upload(output_dir, name="model", exclude=LOCAL_ONLY)
+            _log(f"final model uploaded to {metrics['model_location']}")
         _log(
             f"done: eval loss {eval_before:.4f} -> {metrics['eval_loss_after']:.4f}, "
             f"{metrics['global_step']} steps, {metrics['tokens_per_second']:.0f} tokens/s; model in {output_dir}"
+        )
+    if uploader is not None and uploader.failures:
+        raise SystemExit(
+            "Training finished but checkpoint uploads failed (local checkpoints are kept in "
+            f"{output_dir / 'checkpoints'}):\n  " + "\n  ".join(uploader.failures)
         )
     return metrics
 
@@ -241,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         train(model_args, data_args, train_args)
-    except (DatasetError, BaseModelError) as err:
+    except (DatasetError, BaseModelError, CheckpointStoreError) as err:
         raise SystemExit(f"Cannot train: {err}") from None
 
 

@@ -1,0 +1,103 @@
+"""Uploading checkpoints to S3 while training runs, and finding the one to resume from.
+
+Layout under ``--s3_uri s3://bucket/prefix``::
+
+    checkpoints/checkpoint-<step>/...   every checkpoint the Trainer writes, manifest last
+    model/...                           the final model (safetensors, tokenizer, metrics.json)
+
+Each checkpoint is hard-linked into a staging folder the moment the Trainer has written it (so
+the Trainer's own rotation cannot delete files under the upload) and uploaded by a background
+thread, while the next steps train. ``save_total_limit`` is applied in S3 after each upload.
+An upload that fails is reported with the checkpoint's name; the local checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from training.checkpoint_store import CheckpointStoreError, S3CheckpointStore, staged_copy
+
+STAGING = ".upload-staging"
+
+
+def _log(message: str) -> None:
+    print(f"[checkpoints] {message}", flush=True)
+
+
+class BackgroundUploader:
+    """A queue of checkpoint folders and the one thread that uploads them, in order."""
+
+    def __init__(self, store: S3CheckpointStore, keep: int, staging_root: Path):
+        self.store = store
+        self.keep = keep
+        self.staging_root = staging_root
+        self.failures: list[str] = []
+        self.uploaded: list[dict[str, Any]] = []
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
+        self._thread.start()
+
+    def submit(self, checkpoint: Path) -> None:
+        self._queue.put(staged_copy(checkpoint, self.staging_root))
+
+    def _run(self) -> None:
+        while (staged := self._queue.get()) is not None:
+            try:
+                manifest = self.store.upload(staged)
+                self.uploaded.append(manifest)
+                _log(f"uploaded {staged.name} ({manifest['total_bytes'] / 1e6:.1f} MB) to {self.store.uri}/{staged.name}")
+                for name in self.store.prune(self.keep):
+                    _log(f"deleted {self.store.uri}/{name} (save_total_limit {self.keep})")
+            except CheckpointStoreError as err:
+                self.failures.append(f"{staged.name}: {err}")
+                _log(f"upload of {staged.name} failed, the local checkpoint is kept: {err}")
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for every queued upload (``timeout`` None: as long as it takes)."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+def upload_callback(uploader: BackgroundUploader) -> Any:
+    from transformers import TrainerCallback
+
+    class UploadCheckpoints(TrainerCallback):
+        """Hands each checkpoint to the uploader as soon as the Trainer has saved it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            # One process per node uploads: with ZeRO every rank of the node has written its
+            # shard into the same folder by the time on_save runs (the save ends in a barrier).
+            if state.is_local_process_zero:
+                uploader.submit(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return UploadCheckpoints()
+
+
+def resolve_resume(resume_from: str, s3_uri: str, download_root: Path) -> Path | None:
+    """The local checkpoint folder to resume from, or None to start from scratch.
+
+    ``latest``: the newest valid checkpoint under ``--s3_uri`` (none yet: start fresh);
+    ``s3://.../checkpoint-N``: that checkpoint, verified; a local folder: used as it is.
+    """
+    if resume_from == "latest":
+        store = S3CheckpointStore(f"{s3_uri.rstrip('/')}/checkpoints")
+        found = store.download_latest_valid(download_root)
+        _log(f"resuming from {store.uri}/{found.name}" if found else f"no valid checkpoint in {store.uri}: starting fresh")
+        return found
+    if resume_from.startswith("s3://"):
+        parent, _, name = resume_from.rstrip("/").rpartition("/")
+        local = S3CheckpointStore(parent).download(name, download_root)
+        _log(f"resuming from {resume_from}")
+        return local
+    local = Path(resume_from).expanduser()
+    if not (local / "trainer_state.json").is_file():
+        raise CheckpointStoreError(
+            f"--resume_from: {local} is not a Trainer checkpoint (no trainer_state.json)."
+        )
+    return local
