@@ -27,9 +27,9 @@ from pathlib import Path
 if all(os.environ.get(var) in (None, "", "root") for var in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
     os.environ["METAFLOW_USER"] = "dolly"
 
-from metaflow import Config, FlowSpec, Parameter, current, package_sources, resources, step
+from metaflow import Config, FlowSpec, Parameter, current, package_sources, resources, retry, step
 from metaflow.exception import MetaflowException
-from model_store import LocalModelStore
+from model_store import LocalModelStore, resolve_resume_from, run_s3_root, s3_endpoint_env
 from trainer_launch import launch_command, run_streaming, trainer_arguments, visible_gpus
 
 from gpu_profile import gpu_profile
@@ -121,11 +121,27 @@ class DollyFlow(FlowSpec):
         "empty string: no DeepSpeed.",
     )
 
+    checkpoint_uri = Parameter(
+        "checkpoint-uri",
+        type=str,
+        default="",
+        help="s3:// URL for checkpoints and the final model. Default: this run's prefix in "
+        "Metaflow's S3 data root when S3 is configured, else local disk only.",
+    )
+    resume_from = Parameter(
+        "resume-from",
+        type=str,
+        default="",
+        help="Start from a checkpoint: its s3:// URL, or a previous run's pathspec "
+        "(DollyFlow/<run id>) to continue from that run's newest valid checkpoint.",
+    )
+
     @step
     def start(self):
         """Validate every input and record the resolved configuration."""
         from training.arguments import find_problems, parse_args, resolve_precision
         from training.base_model import BaseModelError, resolve_base_model
+        from training.checkpoint_store import CheckpointStoreError
         from training.dataset import DatasetError, load_instruction_data
 
         self.trainer_argv = trainer_arguments(
@@ -147,6 +163,16 @@ class DollyFlow(FlowSpec):
                 resolve_precision(train_args.precision, cuda=False, compute_capability=None)
             except ValueError as err:
                 problems.append(str(err))
+        # Where checkpoints and the model go: the parameter, else this run's S3 prefix, else "".
+        self.checkpoint_root = (self.checkpoint_uri or run_s3_root(current.flow_name, current.run_id)).rstrip("/")
+        if self.checkpoint_root and not self.checkpoint_root.startswith("s3://"):
+            problems.append(f"--checkpoint-uri: {self.checkpoint_uri!r} is not an s3:// URL.")
+        self.resume_checkpoint = ""
+        if self.resume_from:
+            try:
+                self.resume_checkpoint = resolve_resume_from(self.resume_from)
+            except (ValueError, KeyError, CheckpointStoreError) as err:
+                problems.append(f"--resume-from: {err}")
         # Every problem at once: the data is checked even when a number is already wrong.
         try:
             data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows)
@@ -182,12 +208,19 @@ class DollyFlow(FlowSpec):
             },
         }
         print(
+            f"Checkpoints and model: {self.checkpoint_root}" if self.checkpoint_root else
+            "Checkpoints and model stay on the train node's local disk (no S3 configured; "
+            "set --checkpoint-uri or METAFLOW_DATASTORE_SYSROOT_S3)."
+        )
+        print(
             f"Inputs OK: {model_args.base_model} on {data_args.dataset} "
             f"({len(data.train)} train / {len(data.eval)} eval rows, fingerprint {data.fingerprint[:12]}), "
             f"DeepSpeed {train_args.deepspeed or 'off'}, preset {self.settings.name}."
         )
         self.next(self.train)
 
+    # Preemptible GPUs: a retried attempt resumes from the newest valid checkpoint in S3.
+    @retry(times=settings.retries, minutes_between_retries=0)
     @gpu_profile(interval=1)
     @resources(
         cpu=settings.resources.cpu,
@@ -203,9 +236,23 @@ class DollyFlow(FlowSpec):
         gpus = visible_gpus()
         ranks = gpus or 1
         print(f"Training on {f'{gpus} GPU(s)' if gpus else 'CPU (1 rank)'}; output in {workdir}")
-        run_streaming(launch_command([*self.trainer_argv, "--output_dir", str(workdir)], ranks))
+        argv = [*self.trainer_argv, "--output_dir", str(workdir)]
+        if self.checkpoint_root:
+            # A retry (@retry), `resume`, or a fresh run alike: continue from the newest valid
+            # checkpoint of this run if there is one, else start from the base model.
+            resume = self.resume_checkpoint if self.resume_checkpoint and current.retry_count == 0 else "latest"
+            argv += ["--s3_uri", self.checkpoint_root, "--resume_from", resume]
+        elif self.resume_checkpoint:
+            argv += ["--resume_from", self.resume_checkpoint]
+        run_streaming(launch_command(argv, ranks), env=s3_endpoint_env())
         self.training_metrics = json.loads((workdir / "metrics.json").read_text())
-        self.model_location = store.publish(workdir)
+        uploads = workdir / "s3_uploads.json"
+        if uploads.is_file():
+            self.checkpoint_manifest = json.loads(uploads.read_text())
+            self.model_location = self.checkpoint_manifest["model_location"]
+        else:
+            self.checkpoint_manifest = {}
+            self.model_location = store.publish(workdir)
         self.next(self.end)
 
     @step

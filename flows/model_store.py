@@ -1,13 +1,15 @@
-"""Where a run's trained model lives.
+"""Where a run's model and checkpoints live.
 
-The train step asks the store for a directory to train into, then publishes it; ``publish``
-returns the ``model_location`` users load from. Today the store is a local directory
-(``models/<flow>/<run id>`` under the working directory, or the config's ``model_root``); an S3
-store keeps the same two methods and uploads in ``publish``.
+The trainer always writes into a local directory (``models/<flow>/<run id>`` under the working
+directory, or the config's ``model_root``). With S3 (an explicit ``--checkpoint-uri``, or
+Metaflow's S3 data root when one is configured) the trainer also uploads every checkpoint while
+it trains and the final model at the end, under ``<root>/<flow>/<run id>/``, the prefix
+``metaflow.S3(run=self)`` uses; without S3 the local directory is the model's location.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,3 +29,40 @@ class LocalModelStore:
         if not (workdir / "config.json").is_file():
             raise FileNotFoundError(f"No model was saved in {workdir} (config.json missing).")
         return str(workdir)
+
+
+def run_s3_root(flow_name: str, run_id: str) -> str:
+    """This run's prefix in Metaflow's S3 data root, or "" when no S3 is configured."""
+    from metaflow.metaflow_config import DATATOOLS_S3ROOT
+
+    return f"{DATATOOLS_S3ROOT.rstrip('/')}/{flow_name}/{run_id}" if DATATOOLS_S3ROOT else ""
+
+
+def s3_endpoint_env() -> dict[str, str]:
+    """Point the trainer's boto3 at the S3 endpoint Metaflow uses (an S3-compatible server)."""
+    from metaflow.metaflow_config import S3_ENDPOINT_URL
+
+    env = dict(os.environ)
+    if S3_ENDPOINT_URL and "AWS_ENDPOINT_URL_S3" not in env:
+        env["AWS_ENDPOINT_URL_S3"] = S3_ENDPOINT_URL
+    return env
+
+
+def resolve_resume_from(value: str) -> str:
+    """An s3:// checkpoint URL as given, or a pathspec's newest valid checkpoint URL."""
+    if value.startswith("s3://"):
+        return value
+    from metaflow import Run, namespace
+
+    from training.checkpoint_store import S3CheckpointStore
+
+    namespace(None)
+    previous = Run(value)  # KeyError / MetaflowNotFound for an unknown pathspec
+    uri = previous["start"].task.data.checkpoint_root
+    if not uri:
+        raise ValueError(f"run {value} kept its checkpoints on local disk; pass a checkpoint's s3:// URL.")
+    store = S3CheckpointStore(f"{uri}/checkpoints")
+    names = store.names()
+    if not names:
+        raise ValueError(f"run {value} has no complete checkpoint in {store.uri}.")
+    return f"{store.uri}/{names[-1]}"

@@ -115,9 +115,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_streaming(command: list[str], tail_lines: int = 40) -> None:
+def run_streaming(command: list[str], tail_lines: int = 40, env: dict[str, str] | None = None) -> None:
     """Run, copying output to our stdout line by line; raise TrainerFailed with the tail on error."""
-    env = dict(os.environ)
+    env = dict(env if env is not None else os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     print("Launching: " + " ".join(command), flush=True)

@@ -25,8 +25,19 @@ class Generation:
 
 
 def load_for_generation(model_dir: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) of a trained output directory, in eval mode."""
+    """(model, tokenizer) of a trained model directory or ``s3://.../model`` URL, in eval mode.
+
+    An S3 model is downloaded into the cache and every file checked against its manifest.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir.startswith("s3://"):
+        from training.checkpoint_store import S3CheckpointStore
+        from training.dataset import default_cache_dir
+
+        parent, _, name = model_dir.rstrip("/").rpartition("/")
+        target = default_cache_dir() / "s3-models" / parent[len("s3://"):].replace("/", "_")
+        model_dir = str(S3CheckpointStore(parent).download(name, target))
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -72,7 +83,7 @@ def generate_response(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("instruction", help="The instruction to answer.")
-    parser.add_argument("--model", required=True, help="A trained model directory (the trainer's --output_dir).")
+    parser.add_argument("--model", required=True, help="A trained model: the trainer's --output_dir, or an s3://.../model URL.")
     parser.add_argument("--context", default="", help="Optional input text the instruction refers to.")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate.")
     parser.add_argument("--sample", action="store_true", help="Sample (temperature 0.7, top-p 0.92) instead of greedy.")

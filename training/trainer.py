@@ -40,6 +40,7 @@ from training.checkpoint_store import CheckpointStoreError, S3CheckpointStore
 from training.s3_uploads import STAGING, BackgroundUploader, resolve_resume, upload_callback
 
 METRICS_FILE = "metrics.json"
+UPLOADS_FILE = "s3_uploads.json"  # what went to S3, with manifests (files, sizes, sha256)
 # Folders of --output_dir that are not part of the published model.
 LOCAL_ONLY = ("checkpoints", "logs", "resume", STAGING)
 
@@ -255,7 +256,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             metrics["model_location"] = f"{train_args.s3_uri.rstrip('/')}/model"
         (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         if train_args.s3_uri:
-            S3CheckpointStore(train_args.s3_uri).upload(output_dir, name="model", exclude=LOCAL_ONLY)
+            run_store = S3CheckpointStore(train_args.s3_uri)
+            model_manifest = run_store.upload(output_dir, name="model", exclude=LOCAL_ONLY)
+            kept = set(S3CheckpointStore(f"{run_store.uri}/checkpoints").names())
+            uploads = {
+                "model_location": metrics["model_location"],
+                "model": model_manifest,
+                "checkpoints": {
+                    f"{run_store.uri}/checkpoints/{m['name']}": m for m in uploader.uploaded if m["name"] in kept
+                },
+            }
+            # Written after the model upload, so it is not part of it: the flow reads it.
+            (output_dir / UPLOADS_FILE).write_text(json.dumps(uploads, indent=1))
             _log(f"final model uploaded to {metrics['model_location']}")
         _log(
             f"done: eval loss {eval_before:.4f} -> {metrics['eval_loss_after']:.4f}, "

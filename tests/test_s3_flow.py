@@ -1,0 +1,108 @@
+"""DollyFlow with Metaflow's S3 datastore on moto's S3 server: checkpoints, model, kill and retry."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import boto3
+import psutil
+import pytest
+
+from tests.conftest import REPO, flow_env, metaflow_runner
+
+FLOW = REPO / "flows" / "dolly_flow.py"
+
+
+@pytest.fixture
+def s3_flow_env(s3_env, s3_bucket_name, flow_home, monkeypatch):
+    """Metaflow's datastore and data root in the moto bucket; the client reads them too."""
+    env = {
+        **flow_env(flow_home),
+        **s3_env,
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3_bucket_name}/metaflow",
+        "METAFLOW_DATATOOLS_S3ROOT": f"s3://{s3_bucket_name}/metaflow/data",
+        "METAFLOW_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL_S3"],
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def write_config(tiny_config, tmp_path, **training) -> str:
+    config = json.loads(tiny_config.read_text())
+    config["retries"] = training.pop("retries", 0)
+    config["training"].update(training)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_full_run_publishes_checkpoints_and_model_to_s3(tiny_config, flow_home, s3_flow_env, s3_bucket_name,
+                                                         tmp_path):
+    config = write_config(tiny_config, tmp_path, max_steps=4, save_steps=2, save_total_limit=1)
+    with metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home),
+                         config=[("config", config)]).run() as running:
+        assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
+        run = running.run
+        log = running.stdout
+    root = f"s3://{s3_bucket_name}/metaflow/data/DollyFlow/{run.id}"
+    assert f"Checkpoints and model: {root}" in log
+    end = run["end"].task.data
+    assert end.model_location == f"{root}/model"
+    manifest = run["train"].task.data.checkpoint_manifest
+    assert list(manifest["checkpoints"]) == [f"{root}/checkpoints/checkpoint-4"]  # save_total_limit 1
+    assert {f["path"] for f in manifest["model"]["files"]} >= {"model.safetensors", "tokenizer.json"}
+    assert all(len(f["sha256"]) == 64 for f in manifest["model"]["files"])
+    assert "testing" not in json.dumps(manifest)  # no credentials in artifacts
+
+    from training.generate import generate_response, load_for_generation
+
+    model, tokenizer = load_for_generation(end.model_location)  # downloads and verifies every file
+    assert generate_response(model, tokenizer, "Name a color.", max_new_tokens=4).new_tokens <= 4
+
+
+def _kill_trainer_after(bucket: str, checkpoint: str, marker: str, stop: threading.Event, killed: list) -> None:
+    """Wait (bounded) for `checkpoint`'s manifest in S3, then SIGKILL the trainer processes."""
+    client = boto3.client("s3")
+    deadline = time.monotonic() + 300
+    while not stop.is_set() and time.monotonic() < deadline:
+        listing = client.list_objects_v2(Bucket=bucket, Prefix="metaflow/data/DollyFlow/")
+        if any(obj["Key"].endswith(f"{checkpoint}/manifest.json") for obj in listing.get("Contents", [])):
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if "training.trainer" in cmdline and marker in cmdline and "deepspeed" not in cmdline.split()[0]:
+                    proc.kill()
+                    killed.append(proc.info["pid"])
+            if killed:
+                return
+        time.sleep(0.1)
+
+
+def test_killed_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, flow_home, s3_flow_env,
+                                                                 s3_bucket_name, tmp_path):
+    config = write_config(tiny_config, tmp_path, max_steps=160, save_steps=20, save_total_limit=2,
+                          logging_steps=20, retries=1)
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_trainer_after,
+                               args=(s3_bucket_name, "checkpoint-40", str(flow_home), stop, killed))
+    watcher.start()
+    try:
+        with metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home),
+                             config=[("config", config)]).run() as running:
+            log = running.stdout
+            status = running.status
+            run = running.run
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "the trainer finished before it could be killed"
+    assert status == "successful", log[-4000:]
+    resumed = re.search(r"resuming from s3://\S+/checkpoints/checkpoint-(\d+)", log)
+    assert resumed and int(resumed.group(1)) >= 40, log[-4000:]
+    train = run["train"].task
+    assert train.current_attempt == 1
+    assert run["end"].task.data.training_metrics["global_step"] == 160  # as if never interrupted
