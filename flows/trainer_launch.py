@@ -9,10 +9,13 @@ fails with the trainer's own last lines.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +119,17 @@ def _free_port() -> int:
 
 
 def run_streaming(command: list[str], tail_lines: int = 40, env: dict[str, str] | None = None) -> None:
-    """Run, copying output to our stdout line by line; raise TrainerFailed with the tail on error."""
+    """Run, copying output to our stdout line by line; raise TrainerFailed with the tail on error.
+
+    SIGTERM or SIGINT to this process (a preempted pod, Ctrl-C) is passed to every process of the
+    trainer (the launcher and all ranks): they checkpoint, upload and exit, then this raises.
+    """
     env = dict(env if env is not None else os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     print("Launching: " + " ".join(command), flush=True)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    received: list[int] = []
     with subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -129,12 +137,31 @@ def run_streaming(command: list[str], tail_lines: int = 40, env: dict[str, str] 
         text=True,
         bufsize=1,
         env=env,
+        start_new_session=True,  # its own process group, so one killpg reaches every rank
     ) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            print(line, end="", flush=True)
-            tail.append(line.rstrip())
-        code = process.wait()
+
+        def forward(signum: int, frame: Any) -> None:
+            received.append(signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                print(line, end="", flush=True)
+                tail.append(line.rstrip())
+            code = process.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if received:
+        raise TrainerFailed(
+            f"Stopped by {signal.Signals(received[0]).name}; the trainer checkpointed and exited with "
+            f"code {code}. A retry resumes from the newest valid checkpoint. Its last lines:\n" + "\n".join(tail)
+        )
     if code != 0:
         # The launcher's own last lines ("exits with return code") say little; the trainer's
         # error (SystemExit message or traceback) comes just before them.

@@ -106,3 +106,36 @@ def test_killed_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, f
     train = run["train"].task
     assert train.current_attempt == 1
     assert run["end"].task.data.training_metrics["global_step"] == 160  # as if never interrupted
+
+
+def test_sigterm_to_the_train_task_checkpoints_to_s3(tiny_config, flow_home, s3_flow_env, s3_bucket_name, tmp_path):
+    """A preempted pod: SIGTERM reaches the train task, which has the trainer save and upload."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = write_config(tiny_config, tmp_path, max_steps=100000, save_steps=100000, eval_steps=100000,
+                          logging_steps=1)
+    with subprocess.Popen([sys.executable, str(FLOW), "--config", "config", config, "run"], cwd=flow_home,
+                          env=s3_flow_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as flow:
+        started = time.monotonic()
+        task_pid = run_id = None
+        for line in flow.stdout:
+            found = re.search(r"\[(\d+)/train/\d+ \(pid (\d+)\)\] \[trainer\] step 5/", line)
+            if found:
+                run_id, task_pid = found.group(1), int(found.group(2))
+                break
+            assert time.monotonic() - started < 300, "training never reached step 5"
+        assert task_pid, "no train task seen"
+        os.kill(task_pid, signal.SIGTERM)
+        sent = time.monotonic()
+        rest = flow.stdout.read()
+        flow.wait(timeout=120)
+    assert flow.returncode != 0
+    assert "Stopped by SIGTERM" in rest and "Preempted (SIGTERM) at step" in rest, rest[-3000:]
+    prefix = f"metaflow/data/DollyFlow/{run_id}/checkpoints/"
+    listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket_name, Prefix=prefix)
+    manifests = [o for o in listing.get("Contents", []) if o["Key"].endswith("manifest.json")]
+    assert len(manifests) == 1
+    assert manifests[0]["LastModified"].timestamp() - (time.time() - (time.monotonic() - sent)) < 25

@@ -76,3 +76,35 @@ def test_unreachable_s3_stops_before_training(tiny_model_dir, small_dataset_dir,
     assert result.returncode != 0
     assert "Cannot train: S3 list failed for s3://bucket/x/checkpoints" in result.stderr
     assert "step 1/" not in result.stdout
+
+
+def test_sigterm_checkpoints_and_uploads_within_the_grace_period(tiny_model_dir, small_dataset_dir, s3_env,
+                                                                 s3_bucket_name, tmp_path):
+    import signal
+    import time
+
+    uri = f"s3://{s3_bucket_name}/preempted"
+    with subprocess.Popen(
+        [sys.executable, "-m", "training.trainer", "--base_model", str(tiny_model_dir), "--dataset",
+         str(small_dataset_dir), "--s3_uri", uri, "--max_steps", "100000", "--save_steps", "100000",
+         "--eval_steps", "100000", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+         "--max_seq_length", "1024", "--preemption_grace_s", "20", "--output_dir", str(tmp_path / "out"),
+         "--cache_dir", str(tmp_path / "cache")],
+        cwd=REPO, env=python_env(**s3_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    ) as trainer:
+        started = time.monotonic()
+        for line in trainer.stdout:  # bounded by the trainer's own output and the check below
+            if "[trainer] step 5/" in line:
+                break
+            assert time.monotonic() - started < 300, "the trainer never reached step 5"
+        trainer.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        rest = trainer.stdout.read()
+        trainer.wait(timeout=60)
+        elapsed = time.monotonic() - sent
+    assert trainer.returncode != 0
+    assert elapsed < 20, f"took {elapsed:.1f} s after SIGTERM"
+    saved = re.search(r"Preempted \(SIGTERM\) at step (\d+): checkpoint-\d+ uploaded to", rest)
+    assert saved, rest[-3000:]
+    step = int(saved.group(1))
+    assert S3CheckpointStore(f"{uri}/checkpoints").names() == [f"checkpoint-{step}"]

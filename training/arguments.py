@@ -124,6 +124,13 @@ class TrainArguments:
             "s3:// URL of one checkpoint, or a local checkpoint directory."
         },
     )
+    preemption_grace_s: float = field(
+        default=25.0,
+        metadata={
+            "help": "On SIGTERM, save a checkpoint after the current step and wait this long at "
+            "most for its upload (Kubernetes kills 30 s after SIGTERM by default)."
+        },
+    )
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; do not pass it."})
 
 

@@ -37,6 +37,7 @@ from training.arguments import (
     resolve_repo_path,
 )
 from training.checkpoint_store import CheckpointStoreError, S3CheckpointStore
+from training.preemption import PreemptionWatch
 from training.s3_uploads import STAGING, BackgroundUploader, resolve_resume, upload_callback
 
 METRICS_FILE = "metrics.json"
@@ -184,7 +185,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         model.config.use_cache = False
     _log(f"model {model_args.base_model} ({model_path}): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {precision}")
 
-    callbacks = [_progress_callback()]
+    preemption = PreemptionWatch(train_args.preemption_grace_s)
+    callbacks = [_progress_callback(), preemption.callback()]
     progress = callbacks[0]
     uploader = None
     if train_args.s3_uri:
@@ -215,6 +217,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     )
     trainer.remove_callback(PrinterCallback)  # PrintProgress prints one readable line instead
     result = trainer.train(resume_from_checkpoint=resume_path)
+    if preemption.requested:
+        step = trainer.state.global_step
+        if uploader is not None:
+            uploader.close(timeout=preemption.remaining_s())
+            where = f"uploaded to {uploader.store.uri}" if any(m["name"] == f"checkpoint-{step}" for m in uploader.uploaded) else "upload not finished within the grace period"
+        else:
+            where = f"kept in {output_dir / 'checkpoints'}"
+        raise SystemExit(f"Preempted (SIGTERM) at step {step}: checkpoint-{step} {where}.")
     # The epoch/step schedule usually evaluated at the last step already: do not pay for it twice.
     if not progress.eval_losses or progress.eval_losses[-1][0] != trainer.state.global_step:
         trainer.evaluate()
