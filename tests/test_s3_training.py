@@ -33,6 +33,8 @@ def test_checkpoints_and_model_go_to_s3_with_retention(tiny_model_dir, small_dat
     assert S3CheckpointStore(f"{uri}/checkpoints").names() == ["checkpoint-4", "checkpoint-6"]
     assert "deleted" in result.stdout and "checkpoint-2 (save_total_limit 2)" in result.stdout
 
+    logs = S3CheckpointStore(uri).download("logs", tmp_path / "downloaded")
+    assert list(logs.rglob("events.out.tfevents.*"))
     model = S3CheckpointStore(uri).download("model", tmp_path / "downloaded")  # verifies every sha256
     names = {p.name for p in model.iterdir()}
     assert {"model.safetensors", "tokenizer.json", "config.json", "metrics.json"} <= names

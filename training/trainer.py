@@ -268,6 +268,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         if train_args.s3_uri:
             run_store = S3CheckpointStore(train_args.s3_uri)
             model_manifest = run_store.upload(output_dir, name="model", exclude=LOCAL_ONLY)
+            if (output_dir / "logs").is_dir():  # TensorBoard: tensorboard --logdir s3://.../logs
+                run_store.upload(output_dir / "logs", name="logs")
             kept = set(S3CheckpointStore(f"{run_store.uri}/checkpoints").names())
             uploads = {
                 "model_location": metrics["model_location"],
