@@ -139,3 +139,35 @@ def test_sigterm_to_the_train_task_checkpoints_to_s3(tiny_config, flow_home, s3_
     manifests = [o for o in listing.get("Contents", []) if o["Key"].endswith("manifest.json")]
     assert len(manifests) == 1
     assert manifests[0]["LastModified"].timestamp() - (time.time() - (time.monotonic() - sent)) < 25
+
+
+def test_resume_continues_a_failed_run_from_its_last_valid_checkpoint(tiny_config, flow_home, s3_flow_env,
+                                                                     s3_bucket_name, tmp_path):
+    """`python flows/dolly_flow.py resume`: the new attempt continues, it does not start over."""
+    config = write_config(tiny_config, tmp_path, max_steps=160, save_steps=20, save_total_limit=2,
+                          logging_steps=20, retries=0)
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_trainer_after,
+                               args=(s3_bucket_name, "checkpoint-40", str(flow_home), stop, killed))
+    watcher.start()
+    def runner():
+        return metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home),
+                               config=[("config", config)])
+
+    try:
+        with runner().run() as failed:
+            assert failed.status == "failed"
+            origin = failed.run.id
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "the trainer finished before it could be killed"
+    # resume takes the configuration of the run it resumes (Metaflow refuses --config there).
+    with metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env,
+                         cwd=str(flow_home)).resume(origin_run_id=origin) as resumed:
+        assert resumed.status == "successful", resumed.stdout[-4000:]
+        log = resumed.stdout
+        run = resumed.run
+    found = re.search(r"resuming from s3://\S+/DollyFlow/" + origin + r"/checkpoints/checkpoint-(\d+)", log)
+    assert found and int(found.group(1)) >= 40, log[-3000:]
+    assert run["end"].task.data.training_metrics["global_step"] == 160
