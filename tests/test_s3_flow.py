@@ -36,6 +36,7 @@ def write_config(tiny_config, tmp_path, **training) -> str:
     config = json.loads(tiny_config.read_text())
     config["retries"] = training.pop("retries", 0)
     config["training"].update(training)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     return str(path)
@@ -63,6 +64,14 @@ def test_full_run_publishes_checkpoints_and_model_to_s3(tiny_config, flow_home, 
 
     model, tokenizer = load_for_generation(end.model_location)  # downloads and verifies every file
     assert generate_response(model, tokenizer, "Name a color.", max_new_tokens=4).new_tokens <= 4
+
+    # A new run that starts from this run's newest valid checkpoint, named by its pathspec.
+    longer = write_config(tiny_config, tmp_path / "longer", max_steps=6, save_steps=2)
+    with metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home),
+                         config=[("config", longer)]).run(resume_from=f"DollyFlow/{run.id}") as running:
+        assert running.status == "successful", running.stdout[-4000:]
+        assert f"resuming from {root}/checkpoints/checkpoint-4" in running.stdout
+        assert running.run["end"].task.data.training_metrics["global_step"] == 6
 
 
 def _kill_trainer_after(bucket: str, checkpoint: str, marker: str, stop: threading.Event, killed: list) -> None:
