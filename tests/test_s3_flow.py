@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -91,23 +92,30 @@ def _kill_trainer_after(bucket: str, checkpoint: str, marker: str, stop: threadi
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def trainer_killed_after(bucket: str, checkpoint: str, marker: str):
+    """While the body runs, SIGKILL the trainer once `checkpoint` is complete in S3; yields the
+    list of killed pids (empty if training finished first)."""
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_trainer_after, args=(bucket, checkpoint, marker, stop, killed))
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        watcher.join()
+
+
 def test_killed_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, flow_home, s3_flow_env,
                                                                  s3_bucket_name, tmp_path):
     config = write_config(tiny_config, tmp_path, max_steps=160, save_steps=20, save_total_limit=2,
                           logging_steps=20, retries=1)
-    stop, killed = threading.Event(), []
-    watcher = threading.Thread(target=_kill_trainer_after,
-                               args=(s3_bucket_name, "checkpoint-40", str(flow_home), stop, killed))
-    watcher.start()
-    try:
-        with metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home),
-                             config=[("config", config)]).run() as running:
-            log = running.stdout
-            status = running.status
-            run = running.run
-    finally:
-        stop.set()
-        watcher.join()
+    with trainer_killed_after(s3_bucket_name, "checkpoint-40", str(flow_home)) as killed, metaflow_runner(
+        str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home), config=[("config", config)]
+    ).run() as running:
+        log = running.stdout
+        status = running.status
+        run = running.run
     assert killed, "the trainer finished before it could be killed"
     assert status == "successful", log[-4000:]
     resumed = re.search(r"resuming from s3://\S+/checkpoints/checkpoint-(\d+)", log)
@@ -155,21 +163,11 @@ def test_resume_continues_a_failed_run_from_its_last_valid_checkpoint(tiny_confi
     """`python flows/dolly_flow.py resume`: the new attempt continues, it does not start over."""
     config = write_config(tiny_config, tmp_path, max_steps=160, save_steps=20, save_total_limit=2,
                           logging_steps=20, retries=0)
-    stop, killed = threading.Event(), []
-    watcher = threading.Thread(target=_kill_trainer_after,
-                               args=(s3_bucket_name, "checkpoint-40", str(flow_home), stop, killed))
-    watcher.start()
-    def runner():
-        return metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home),
-                               config=[("config", config)])
-
-    try:
-        with runner().run() as failed:
-            assert failed.status == "failed"
-            origin = failed.run.id
-    finally:
-        stop.set()
-        watcher.join()
+    with trainer_killed_after(s3_bucket_name, "checkpoint-40", str(flow_home)) as killed, metaflow_runner(
+        str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home), config=[("config", config)]
+    ).run() as failed:
+        assert failed.status == "failed"
+        origin = failed.run.id
     assert killed, "the trainer finished before it could be killed"
     # resume takes the configuration of the run it resumes (Metaflow refuses --config there).
     with metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env,
