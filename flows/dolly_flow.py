@@ -121,6 +121,13 @@ class DollyFlow(FlowSpec):
         "empty string: no DeepSpeed.",
     )
 
+    eval_instructions = Parameter(
+        "eval-instructions",
+        type=str,
+        default="",
+        help="Instructions answered by the base model and after every epoch (.jsonl of "
+        "{instruction, context}). Default: training/data/eval_instructions.jsonl; 'none' skips.",
+    )
     checkpoint_uri = Parameter(
         "checkpoint-uri",
         type=str,
@@ -143,6 +150,11 @@ class DollyFlow(FlowSpec):
         from training.base_model import BaseModelError, resolve_base_model
         from training.checkpoint_store import CheckpointStoreError
         from training.dataset import DatasetError, load_instruction_data
+        from training.evaluation import (
+            DEFAULT_EVAL_INSTRUCTIONS,
+            EvalInstructionsError,
+            load_eval_instructions,
+        )
 
         self.trainer_argv = trainer_arguments(
             base_model=self.base_model,
@@ -153,7 +165,7 @@ class DollyFlow(FlowSpec):
             learning_rate=self.learning_rate,
             batch_size=self.batch_size,
             training=self.settings.training,
-        )
+        ) + ["--eval_instructions", self.eval_instructions]
         # The trainer's own parser and checks: start fails with the message the trainer would print.
         model_args, data_args, train_args = parse_args(self.trainer_argv)
         problems = find_problems(model_args, data_args, train_args)
@@ -173,6 +185,11 @@ class DollyFlow(FlowSpec):
                 self.resume_checkpoint = resolve_resume_from(self.resume_from)
             except (ValueError, KeyError, CheckpointStoreError) as err:
                 problems.append(f"--resume-from: {err}")
+        if self.eval_instructions != "none":
+            try:
+                load_eval_instructions(self.eval_instructions or DEFAULT_EVAL_INSTRUCTIONS)
+            except EvalInstructionsError as err:
+                problems.append(str(err))
         # Every problem at once: the data is checked even when a number is already wrong.
         try:
             data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows)
@@ -246,6 +263,8 @@ class DollyFlow(FlowSpec):
             argv += ["--resume_from", self.resume_checkpoint]
         run_streaming(launch_command(argv, ranks), env=s3_endpoint_env())
         self.training_metrics = json.loads((workdir / "metrics.json").read_text())
+        # The epoch x instruction table: base model first, then each epoch (and the end).
+        self.evaluation = self.training_metrics.pop("evaluation", [])
         uploads = workdir / "s3_uploads.json"
         if uploads.is_file():
             self.checkpoint_manifest = json.loads(uploads.read_text())

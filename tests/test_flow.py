@@ -33,6 +33,9 @@ def test_tiny_flow_trains_and_publishes_a_model(tiny_config, flow_home, monkeypa
                 "global_step"):
         assert key in metrics, key
     assert metrics["global_step"] == 4
+    evaluation = run["train"].task.data.evaluation
+    assert [point["label"] for point in evaluation] == ["base", "epoch 0.33"]  # 4 of 12 steps per epoch
+    assert metrics["ended_share_base"] == evaluation[0]["ended_share"]
     location = Path(end.model_location)
     assert location.is_dir() and location.is_relative_to(flow_home / "models")
     # the trainer's output was streamed into the task log while it ran
@@ -74,6 +77,12 @@ def _write_bad(tmp: Path, kind: str) -> list[str]:
         return ["--batch-size", "0"]
     if kind == "missing-model-dir":
         return ["--base-model", str(tmp / "no-model")]
+    if kind == "malformed-eval-instructions":
+        path = tmp / "eval.jsonl"
+        path.write_text('{"instruction": "ok"}\n{"context": "no instruction"}\n')
+        return ["--eval-instructions", str(path)]
+    if kind == "missing-eval-instructions":
+        return ["--eval-instructions", str(tmp / "nothing.jsonl")]
     if kind == "two-problems":
         return ["--batch-size", "0", "--dataset", str(tmp / "nope.jsonl")]
     raise AssertionError(kind)
@@ -90,6 +99,8 @@ def _write_bad(tmp: Path, kind: str) -> list[str]:
         ("unknown-zero-stage", "zero_optimization.stage 7"),
         ("batch-size-zero", "--batch-size: must be positive, got 0"),
         ("missing-model-dir", "no-model does not exist"),
+        ("malformed-eval-instructions", "eval.jsonl line 2: needs a non-empty 'instruction' string"),
+        ("missing-eval-instructions", "nothing.jsonl does not exist"),
         ("two-problems", "--batch-size: must be positive, got 0."),
         ("two-problems", "--dataset: "),
     ],

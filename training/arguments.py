@@ -124,6 +124,15 @@ class TrainArguments:
             "s3:// URL of one checkpoint, or a local checkpoint directory."
         },
     )
+    eval_instructions: str = field(
+        default="",
+        metadata={
+            "help": "Instructions answered by the base model and after every epoch (.jsonl of "
+            "{instruction, context}); empty: the shipped training/data/eval_instructions.jsonl; "
+            "'none': skip."
+        },
+    )
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "Longest answer in that evaluation."})
     preemption_grace_s: float = field(
         default=25.0,
         metadata={

@@ -21,6 +21,7 @@ Writes to ``--output_dir``: the final model (safetensors + tokenizer, loadable w
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -37,6 +38,12 @@ from training.arguments import (
     resolve_repo_path,
 )
 from training.checkpoint_store import CheckpointStoreError, S3CheckpointStore
+from training.evaluation import (
+    DEFAULT_EVAL_INSTRUCTIONS,
+    EvalInstructionsError,
+    evaluation_callback,
+    load_eval_instructions,
+)
 from training.preemption import PreemptionWatch
 from training.s3_uploads import STAGING, BackgroundUploader, resolve_resume, upload_callback
 
@@ -111,6 +118,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     output_dir = Path(train_args.output_dir)
     cache_dir = Path(data_args.cache_dir) if data_args.cache_dir else default_cache_dir()
 
+    eval_rows_for_generation = []
+    if train_args.eval_instructions != "none":
+        eval_rows_for_generation = load_eval_instructions(train_args.eval_instructions or DEFAULT_EVAL_INSTRUCTIONS)
     data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows, cache_dir=cache_dir)
     train_rows, eval_rows = sample_and_split(
         data, sample_fraction=data_args.sample_fraction, test_size=data_args.test_size, seed=train_args.seed
@@ -188,6 +198,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     preemption = PreemptionWatch(train_args.preemption_grace_s)
     callbacks = [_progress_callback(), preemption.callback()]
     progress = callbacks[0]
+    generation_eval = None
+    if eval_rows_for_generation:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            # Sharded weights: one rank cannot generate alone (the others would have to join).
+            _log("evaluation generation skipped under ZeRO-3 (weights are sharded across ranks)")
+        else:
+            generation_eval = evaluation_callback(eval_rows_for_generation, tokenizer, train_args.eval_max_new_tokens)
+            callbacks.append(generation_eval)
     uploader = None
     if train_args.s3_uri:
         store = S3CheckpointStore(f"{train_args.s3_uri.rstrip('/')}/checkpoints")
@@ -229,6 +249,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if not progress.eval_losses or progress.eval_losses[-1][0] != trainer.state.global_step:
         trainer.evaluate()
     eval_after = progress.eval_losses[-1][1]
+    evaluation = []
+    if generation_eval is not None and trainer.is_world_process_zero():
+        if not generation_eval.points or generation_eval.points[-1]["global_step"] != trainer.state.global_step:
+            generation_eval.answer(trainer.state, trainer.model, "final")
+        evaluation = generation_eval.points
     trainer.save_model(str(output_dir))  # gathers ZeRO-3 shards into one safetensors model
     state = trainer.state
 
@@ -248,6 +273,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
         "eval_loss_history": progress.eval_losses,
+        "perplexity_before": math.exp(min(eval_before, 50.0)),
+        "perplexity_after": math.exp(min(eval_after, 50.0)),
+        "ended_share_base": evaluation[0]["ended_share"] if evaluation else None,
+        "ended_share_final": evaluation[-1]["ended_share"] if evaluation else None,
+        "evaluation": evaluation,
         "train_loss": float(result.training_loss),
         "train_runtime_s": runtime,
         "train_samples": round(len(train_set) * (state.epoch or 0.0)),  # sequences trained on
@@ -301,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         train(model_args, data_args, train_args)
-    except (DatasetError, BaseModelError, CheckpointStoreError) as err:
+    except (DatasetError, BaseModelError, CheckpointStoreError, EvalInstructionsError) as err:
         raise SystemExit(f"Cannot train: {err}") from None
 
 

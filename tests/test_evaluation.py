@@ -1,0 +1,61 @@
+"""Answering the evaluation instructions before training and after every epoch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, python_env
+from training.evaluation import (
+    DEFAULT_EVAL_INSTRUCTIONS,
+    EvalInstructionsError,
+    load_eval_instructions,
+)
+
+
+def test_shipped_instructions_load():
+    rows = load_eval_instructions(DEFAULT_EVAL_INSTRUCTIONS)
+    assert len(rows) >= 8 and any(r["context"] for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"instruction": "ok"}\n{"instruction": \n', "line 2: not valid JSON"),
+        ('{"instruction": ""}\n', "line 1: needs a non-empty 'instruction'"),
+        ('{"instruction": "x", "context": 3}\n', "line 1: 'context' must be a string"),
+        ("\n\n", "has no instructions"),
+    ],
+)
+def test_bad_instruction_files_name_file_and_line(tmp_path, content, expected):
+    path = tmp_path / "eval.jsonl"
+    path.write_text(content)
+    with pytest.raises(EvalInstructionsError, match=expected):
+        load_eval_instructions(path)
+    with pytest.raises(EvalInstructionsError, match="does not exist"):
+        load_eval_instructions(tmp_path / "missing.jsonl")
+
+
+def test_trainer_answers_before_training_after_each_epoch(tiny_model_dir, small_dataset_dir, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.trainer", "--base_model", str(tiny_model_dir), "--dataset",
+         str(small_dataset_dir), "--output_dir", str(out), "--epochs", "2", "--per_device_train_batch_size", "8",
+         "--max_seq_length", "1024", "--eval_max_new_tokens", "8", "--cache_dir", str(tmp_path / "cache")],
+        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    labels = [point["label"] for point in metrics["evaluation"]]
+    assert labels == ["base", "epoch 1", "epoch 2"]
+    rows = load_eval_instructions(DEFAULT_EVAL_INSTRUCTIONS)
+    for point in metrics["evaluation"]:
+        assert [a["instruction"] for a in point["answers"]] == [r["instruction"] for r in rows]
+        assert all(a["new_tokens"] <= 8 for a in point["answers"])
+        assert point["decoding"] == {"do_sample": False, "max_new_tokens": 8}
+    assert metrics["ended_share_base"] == metrics["evaluation"][0]["ended_share"]
+    assert metrics["perplexity_after"] == pytest.approx(2.718281828 ** metrics["eval_loss_after"], rel=1e-6)
+    assert "[trainer] evaluation base:" in result.stdout
