@@ -56,10 +56,13 @@ def load_eval_instructions(path: str | Path) -> list[dict[str, str]]:
 def answer_all(model: Any, tokenizer: Any, rows: list[dict[str, str]], *, label: str,
                max_new_tokens: int) -> dict[str, Any]:
     """One evaluation point: every instruction answered greedily, with summary numbers."""
+    import time
+
     import torch
 
     from training.generate import generate_response
 
+    started = time.perf_counter()
     was_training = model.training
     model.eval()
     answers = []
@@ -77,6 +80,7 @@ def answer_all(model: Any, tokenizer: Any, rows: list[dict[str, str]], *, label:
         "ended_share": sum(a["ended"] for a in answers) / len(answers),
         "mean_new_tokens": sum(a["new_tokens"] for a in answers) / len(answers),
         "decoding": {"do_sample": False, "max_new_tokens": max_new_tokens},
+        "seconds": time.perf_counter() - started,
     }
 
 

@@ -250,6 +250,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         trainer.evaluate()
     eval_after = progress.eval_losses[-1][1]
     evaluation = []
+    # Generation ran inside trainer.train(): keep it out of the training throughput.
+    generation_s = sum(p["seconds"] for p in generation_eval.points) if generation_eval is not None else 0.0
     if generation_eval is not None and trainer.is_world_process_zero():
         if not generation_eval.points or generation_eval.points[-1]["global_step"] != trainer.state.global_step:
             generation_eval.answer(trainer.state, trainer.model, "final")
@@ -282,7 +284,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "train_runtime_s": runtime,
         "train_samples": round(len(train_set) * (state.epoch or 0.0)),  # sequences trained on
         "tokens": tokens,
-        "tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
+        "evaluation_generation_s": generation_s,
+        "tokens_per_second": tokens / (runtime - generation_s) if runtime > generation_s else 0.0,
         "global_step": int(state.global_step),
         "epochs": float(state.epoch or 0.0),
         "total_runtime_s": time.time() - started,
