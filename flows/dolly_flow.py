@@ -5,9 +5,11 @@ Steps:
            here, before any GPU is spent; record `config` and `dataset_fingerprint`.
     train  run the HF Trainer script under DeepSpeed, one process per visible GPU (one CPU rank
            without a GPU), its output streamed into the task log; publish the model.
-           @gpu_profile samples every GPU and the host and shows them in the live card
-           `python flows/dolly_flow.py card view train --id gpu_profile`.
-    end    publish `model_location` and `training_metrics`, and print how to load the model.
+           Two live cards: `card view train --id training` (loss, learning rate, gradient norm,
+           tokens/s, progress and ETA, the evaluation table) and `card view train --id
+           gpu_profile` (@gpu_profile: every GPU and the host).
+    end    print and card (`card view end`) the run's summary: what was trained, how it did,
+           where the model is and how to load it.
 
 Run it:
     python flows/dolly_flow.py run                                   # bundled model + data, CPU
@@ -17,22 +19,34 @@ Run it:
 """
 
 import json
-import os
 import re
 from pathlib import Path
 
-# Metaflow refuses to run without a non-root user name (METAFLOW_USER, SUDO_USER, USERNAME or
-# USER). In a root container (CI, a fresh cloud machine) record runs as user "dolly" instead of
-# failing the very first command.
-if all(os.environ.get(var) in (None, "", "root") for var in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
-    os.environ["METAFLOW_USER"] = "dolly"
+# isort: off
+from training.metaflow_runs import ensure_metaflow_user
 
-from metaflow import Config, FlowSpec, Parameter, current, package_sources, resources, retry, step
+ensure_metaflow_user()  # before Metaflow reads the user: a root container runs as "dolly"
+# isort: on
+
+from metaflow import (
+    Config,
+    FlowSpec,
+    Parameter,
+    card,
+    current,
+    package_sources,
+    resources,
+    retry,
+    step,
+)
 from metaflow.exception import MetaflowException
 from model_store import LocalModelStore, resolve_resume_from, run_s3_root, s3_endpoint_env
+from run_summary import load_instructions, summary_components
 from trainer_launch import launch_command, run_streaming, trainer_arguments, visible_gpus
+from training_card import LiveTrainingCard
 
 from gpu_profile import gpu_profile
+from training.progress import PROGRESS_FILE
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -238,6 +252,7 @@ class DollyFlow(FlowSpec):
 
     # Preemptible GPUs: a retried attempt resumes from the newest valid checkpoint in S3.
     @retry(times=settings.retries, minutes_between_retries=0)
+    @card(type="blank", id="training", refresh_interval=5)
     @gpu_profile(interval=1)
     @resources(
         cpu=settings.resources.cpu,
@@ -261,7 +276,10 @@ class DollyFlow(FlowSpec):
             argv += ["--s3_uri", self.checkpoint_root, "--resume_from", resume]
         elif self.resume_checkpoint:
             argv += ["--resume_from", self.resume_checkpoint]
-        run_streaming(launch_command(argv, ranks), env=s3_endpoint_env())
+        with LiveTrainingCard(workdir / PROGRESS_FILE) as live:
+            run_streaming(launch_command(argv, ranks), env=s3_endpoint_env())
+        # The curves of the card as (step, value) lists: loss, eval_loss, learning_rate, ...
+        self.training_history = live.history()
         self.training_metrics = json.loads((workdir / "metrics.json").read_text())
         # The epoch x instruction table: base model first, then each epoch (and the end).
         self.evaluation = self.training_metrics.pop("evaluation", [])
@@ -274,24 +292,27 @@ class DollyFlow(FlowSpec):
             self.model_location = store.publish(workdir)
         self.next(self.end)
 
+    @card(type="blank", id="summary")
     @step
     def end(self):
-        """Report where the model is and how it did."""
+        """Report where the model is and how it did (also as the card `card view end`)."""
         metrics = self.training_metrics
+        pathspec = f"{current.flow_name}/{current.run_id}"
+        current.card["summary"].extend(summary_components(
+            pathspec=pathspec, config=self.config, metrics=metrics, evaluation=self.evaluation,
+            model_location=self.model_location,
+        ))
         print(
             f"Eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
             f"after {metrics['global_step']} steps ({metrics['train_runtime_s']:.0f} s, "
             f"{metrics['tokens_per_second']:.0f} tokens/s)."
         )
+        if metrics.get("ended_share_base") is not None:
+            print(f"Answers ending at ### End: {metrics['ended_share_base']:.0%} (base) -> "
+                  f"{metrics['ended_share_final']:.0%} (tuned) of {len(self.evaluation[0]['answers'])} instructions.")
         print(f"Model: {self.model_location}")
-        print(
-            "Load it:\n"
-            f"  python -m training.generate --model {self.model_location} \"Give three tips for a good night's sleep.\"\n"
-            "  or in Python:\n"
-            "    from training.generate import load_for_generation, generate_response\n"
-            f"    model, tokenizer = load_for_generation({self.model_location!r})\n"
-            "    print(generate_response(model, tokenizer, 'What is a haiku?').text)"
-        )
+        print("Cards: card view train --id training · card view train --id gpu_profile · card view end")
+        print("Answer instructions with it:\n" + load_instructions(self.model_location, pathspec))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ Nothing is downloaded: the tokenizer is trained here on the shipped sample, the 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,34 @@ def s3_bucket_name(s3_env, request) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") or "bucket"
     boto3.client("s3").create_bucket(Bucket=name)  # test names are unique within a session
     return name
+
+
+def card_components(html: str) -> list[dict]:
+    """The components a Metaflow card HTML carries (base64 JSON the card's own JS renders)."""
+    encoded = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([A-Za-z0-9+/=]+)"', html).group(1)
+    return json.loads(base64.b64decode(encoded))["components"]
+
+
+def component_types(components: list) -> Counter:
+    found: Counter = Counter()
+
+    def walk(node):
+        if isinstance(node, dict):
+            found[node.get("type")] += 1
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(components)
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_config, flow_home) -> tuple:
+    """One tiny DollyFlow run with the defaults, shared by the tests that only read it: (run, log)."""
+    with metaflow_runner(str(REPO / "flows" / "dolly_flow.py"), show_output=False, env=flow_env(flow_home),
+                         cwd=str(flow_home), config=[("config", str(tiny_config))]).run() as running:
+        assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
+        return running.run, running.stdout

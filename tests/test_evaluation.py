@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +61,33 @@ def test_trainer_answers_before_training_after_each_epoch(tiny_model_dir, small_
     assert metrics["ended_share_base"] == metrics["evaluation"][0]["ended_share"]
     assert metrics["perplexity_after"] == pytest.approx(2.718281828 ** metrics["eval_loss_after"], rel=1e-6)
     assert "[trainer] evaluation base:" in result.stdout
+
+
+def test_zero3_two_ranks_share_the_answers_and_match_one_process(tiny_model_dir, small_dataset_dir, tmp_path):
+    """Two CPU ranks under ZeRO-3 (sharded weights) answer like one plain process would."""
+    common = ["--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir), "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--max_seq_length", "1024", "--eval_max_new_tokens", "8",
+              "--cache_dir", str(tmp_path / "cache")]
+
+    def train(*launch: str, out: str) -> tuple[dict, str]:
+        result = subprocess.run([*launch, *common, "--output_dir", str(tmp_path / out)], cwd=REPO, env=python_env(),
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return json.loads((tmp_path / out / "metrics.json").read_text()), result.stdout
+
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    sharded, log = train(launcher, "--num_gpus", "2", "--master_port", "29541", "--module", "training.trainer",
+                         "--deepspeed", "ds_configs/zero3.json", out="zero3")
+    plain, _ = train(sys.executable, "-m", "training.trainer", out="plain")
+    assert sharded["world_size"] == 2
+    # The same base model (new-token embeddings initialised on the gathered ZeRO-3 weights).
+    assert math.isfinite(sharded["eval_loss_before"])
+    assert sharded["eval_loss_before"] == pytest.approx(plain["eval_loss_before"], rel=1e-4)
+    base_sharded, base_plain = sharded["evaluation"][0], plain["evaluation"][0]
+    assert base_sharded["ranks"] == 2 and base_plain["ranks"] == 1
+    assert base_sharded["answers"] == base_plain["answers"]  # greedy: the same text, in the same order
+    # Rank 0 reports each point once; the other rank answered its share without printing.
+    assert log.count("[trainer] evaluation base:") == 1
+    # base, then the point where max_steps ended the run (inside the first epoch)
+    assert [p["label"] for p in sharded["evaluation"]] == [p["label"] for p in plain["evaluation"]]
+    assert [p["global_step"] for p in sharded["evaluation"]] == [0, 2]

@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, flow_env, metaflow_runner, python_env, write_jsonl
+from tests.conftest import REPO, flow_env, python_env, write_jsonl
 
 FLOW = REPO / "flows" / "dolly_flow.py"
 
 
-def test_tiny_flow_trains_and_publishes_a_model(tiny_config, flow_home, monkeypatch):
-    monkeypatch.setenv("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(flow_home))
-
-    with metaflow_runner(str(FLOW), show_output=False, env=flow_env(flow_home), cwd=str(flow_home),
-                config=[("config", str(tiny_config))]).run() as running:
-        assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
-        run = running.run
-        log = running.stdout
-
+def test_tiny_flow_trains_and_publishes_a_model(tiny_run, flow_home):
+    run, log = tiny_run
     start, end = run["start"].task.data, run["end"].task.data
     assert start.config["preset"] == "tiny-test"
     assert start.config["dataset_rows"] == {"train": 48, "eval": 16}

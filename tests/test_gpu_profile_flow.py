@@ -2,44 +2,27 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, flow_env, metaflow_runner, python_env
+from tests.conftest import (
+    REPO,
+    card_components,
+    component_types,
+    flow_env,
+    metaflow_runner,
+    python_env,
+)
 
 FLOW = REPO / "flows" / "dolly_flow.py"
 SHIM = REPO / "tests" / "gpu_profile" / "nvml_shim"
 ARTIFACTS = REPO / "test-artifacts"
-
-
-def card_components(html: str) -> list[dict]:
-    """The components a Metaflow card HTML carries (base64 JSON the card's own JS renders)."""
-    encoded = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([A-Za-z0-9+/=]+)"', html).group(1)
-    return json.loads(base64.b64decode(encoded))["components"]
-
-
-def component_types(components: list) -> Counter:
-    found: Counter = Counter()
-
-    def walk(node):
-        if isinstance(node, dict):
-            found[node.get("type")] += 1
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(components)
-    return found
 
 
 def run_tiny_flow(tiny_config: Path, flow_home: Path, **env: str):
@@ -58,8 +41,8 @@ def profile_card_html(task) -> str:
 
 
 @pytest.fixture(scope="module")
-def cpu_run(tiny_config, flow_home):
-    return run_tiny_flow(tiny_config, flow_home)
+def cpu_run(tiny_run):
+    return tiny_run[0]
 
 
 def test_cpu_node_card_shows_host_and_why_no_gpu(cpu_run):

@@ -160,7 +160,9 @@ def load_model(model_path: str, tokenizer: Any, *, dtype: Any, trust_remote_code
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, trust_remote_code=trust_remote_code
     )
-    old_vocab = model.get_input_embeddings().weight.shape[0]
+    # The vocabulary size from the config: under ZeRO-3 each rank holds only a flat shard of
+    # the embedding matrix, whose own shape says nothing about the vocabulary.
+    old_vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) <= old_vocab and all(
         tokenizer.convert_tokens_to_ids(key) < old_vocab for key in SPECIAL_KEYS
     ):
@@ -168,15 +170,28 @@ def load_model(model_path: str, tokenizer: Any, *, dtype: Any, trust_remote_code
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     inputs = model.get_input_embeddings().weight
     outputs = model.get_output_embeddings()
-    tied = outputs is None or outputs.weight.data_ptr() == inputs.data_ptr()
-    with torch.no_grad():
+    tied = outputs is None or outputs.weight is inputs
+    weights = [inputs] if tied else [inputs, outputs.weight]
+    with _gathered(weights), torch.no_grad():
         for key in SPECIAL_KEYS:
             new_id = tokenizer.convert_tokens_to_ids(key)
             if new_id < old_vocab:
                 continue
             pieces = tokenizer(key, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             pieces = [p for p in pieces if p < old_vocab]
-            inputs[new_id] = inputs[pieces].mean(dim=0)
-            if not tied:
-                outputs.weight[new_id] = outputs.weight[pieces].mean(dim=0)
+            for weight in weights:
+                weight[new_id] = weight[pieces].mean(dim=0)
     return model
+
+
+def _gathered(weights: list[Any]) -> Any:
+    """Under ZeRO-3: the full tensors for editing, re-sharded from rank 0's copy on exit."""
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(weights, modifier_rank=0)

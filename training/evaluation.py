@@ -55,49 +55,79 @@ def load_eval_instructions(path: str | Path) -> list[dict[str, str]]:
 
 def answer_all(model: Any, tokenizer: Any, rows: list[dict[str, str]], *, label: str,
                max_new_tokens: int) -> dict[str, Any]:
-    """One evaluation point: every instruction answered greedily, with summary numbers."""
+    """One evaluation point: every instruction answered greedily, with summary numbers.
+
+    Under torch.distributed every rank must call this together: rank r answers rows r, r+N, ...
+    and the answers are gathered, so N ranks share the work instead of repeating it. Under
+    ZeRO-3 each forward pass gathers the sharded weights from all ranks, so every rank makes the
+    same number of ``generate`` calls (a rank with no row left repeats one and drops the answer)
+    and transformers keeps the ranks in step (``synced_gpus``) until the longest answer ends.
+    """
     import time
 
     import torch
 
     from training.generate import generate_response
 
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    answers = []
+    mine = list(range(rank, len(rows), world))
+    calls = -(-len(rows) // world)  # the most rows any rank has
+    answered: list[tuple[int, dict[str, Any]]] = []
     with torch.no_grad():
-        for row in rows:
+        for call in range(calls):
+            index = mine[call] if call < len(mine) else None
+            row = rows[0 if index is None else index]
             result = generate_response(model, tokenizer, row["instruction"], row["context"],
                                        max_new_tokens=max_new_tokens)
-            answers.append({"instruction": row["instruction"], "response": result.text, "ended": result.ended,
-                            "new_tokens": result.new_tokens})
+            if index is not None:
+                answered.append((index, {"instruction": row["instruction"], "response": result.text,
+                                         "ended": result.ended, "new_tokens": result.new_tokens}))
     if was_training:
         model.train()
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, answered)
+        answered = [pair for part in gathered for pair in part]
+    answers = [answer for _, answer in sorted(answered, key=lambda pair: pair[0])]
     return {
         "label": label,
         "answers": answers,
         "ended_share": sum(a["ended"] for a in answers) / len(answers),
         "mean_new_tokens": sum(a["new_tokens"] for a in answers) / len(answers),
         "decoding": {"do_sample": False, "max_new_tokens": max_new_tokens},
+        "ranks": world,
         "seconds": time.perf_counter() - started,
     }
 
 
-def evaluation_callback(rows: list[dict[str, str]], tokenizer: Any, max_new_tokens: int) -> Any:
-    """A TrainerCallback answering ``rows`` before training (base model) and after each epoch."""
+def evaluation_callback(rows: list[dict[str, str]], tokenizer: Any, max_new_tokens: int,
+                        on_point: Any = None) -> Any:
+    """A TrainerCallback answering ``rows`` before training (base model) and after each epoch.
+
+    Every rank takes part (see ``answer_all``); world rank 0 keeps the points and passes each
+    to ``on_point`` (the metrics stream) as soon as it is ready.
+    """
     from transformers import TrainerCallback
 
     class GenerationEval(TrainerCallback):
         def __init__(self) -> None:
             self.points: list[dict[str, Any]] = []
+            self.seconds = 0.0  # generation time on this rank, kept out of the throughput
+            self.last_step: int | None = None  # the step of the last point, known on every rank
 
         def answer(self, state: Any, model: Any, label: str) -> None:
-            # Rank 0 answers; other ranks would only repeat it (ZeRO-2 keeps full weights on each).
+            point = answer_all(model, tokenizer, rows, label=label, max_new_tokens=max_new_tokens)
+            point["global_step"] = state.global_step
+            self.seconds += point["seconds"]
+            self.last_step = state.global_step
             if state.is_world_process_zero:
-                point = answer_all(model, tokenizer, rows, label=label, max_new_tokens=max_new_tokens)
-                point["global_step"] = state.global_step
                 self.points.append(point)
+                if on_point is not None:
+                    on_point(point)
                 print(f"[trainer] evaluation {label}: {point['ended_share']:.0%} of answers end at ### End, "
                       f"{point['mean_new_tokens']:.0f} tokens on average", flush=True)
 

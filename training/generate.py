@@ -1,7 +1,9 @@
 """Answer instructions with a Dolly-tuned model: format the prompt, generate, stop at ``### End``.
 
-    python -m training.generate --model outputs/dolly "Give three tips for staying focused."
+    python -m training.generate --run latest "Give three tips for staying focused."
+    python -m training.generate --run DollyFlow/1764412345678 "What is a haiku?" "Name 3 rivers."
     python -m training.generate --model outputs/dolly --context "Paris is ..." "Summarize this."
+    python -m training.generate --model s3://bucket/DollyFlow/17644/model "What is a haiku?"
 
     from training.generate import load_for_generation, generate_response
     model, tokenizer = load_for_generation("outputs/dolly")
@@ -82,20 +84,37 @@ def generate_response(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("instruction", help="The instruction to answer.")
-    parser.add_argument("--model", required=True, help="A trained model: the trainer's --output_dir, or an s3://.../model URL.")
+    parser.add_argument("instruction", nargs="+", help="One or more instructions to answer.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="A trained model: the trainer's --output_dir, or an s3://.../model URL.")
+    source.add_argument(
+        "--run", metavar="PATHSPEC",
+        help="The model of a DollyFlow run: DollyFlow/<id>, a run id, or 'latest' (the latest successful run).",
+    )
     parser.add_argument("--context", default="", help="Optional input text the instruction refers to.")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate.")
     parser.add_argument("--sample", action="store_true", help="Sample (temperature 0.7, top-p 0.92) instead of greedy.")
     parser.add_argument("--trust-remote-code", action="store_true", help="Run modelling code from the model directory.")
     args = parser.parse_args(argv)
-    model, tokenizer = load_for_generation(args.model, trust_remote_code=args.trust_remote_code)
-    result = generate_response(
-        model, tokenizer, args.instruction, args.context, max_new_tokens=args.max_new_tokens, do_sample=args.sample
-    )
-    print(result.text)
-    if not result.ended:
-        print(f"[stopped at --max-new-tokens {args.max_new_tokens} before {END_KEY}]")
+    location = args.model
+    if args.run:
+        from training.metaflow_runs import RunLookupError, run_model_location
+
+        try:
+            location = run_model_location(args.run)
+        except RunLookupError as err:
+            parser.exit(2, f"error: --run: {err}\n")
+        print(f"[model of run {args.run}: {location}]")
+    model, tokenizer = load_for_generation(location, trust_remote_code=args.trust_remote_code)
+    for number, instruction in enumerate(args.instruction):
+        result = generate_response(
+            model, tokenizer, instruction, args.context, max_new_tokens=args.max_new_tokens, do_sample=args.sample
+        )
+        if len(args.instruction) > 1:
+            print(f"{'' if number == 0 else chr(10)}### {instruction}")
+        print(result.text)
+        if not result.ended:
+            print(f"[stopped at --max-new-tokens {args.max_new_tokens} before {END_KEY}]")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from training.evaluation import (
     load_eval_instructions,
 )
 from training.preemption import PreemptionWatch
+from training.progress import PROGRESS_FILE, progress_callback
 from training.s3_uploads import STAGING, BackgroundUploader, resolve_resume, upload_callback
 
 METRICS_FILE = "metrics.json"
@@ -171,6 +172,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         **steps_kwargs,
     )
 
+    if args.deepspeed and args.world_size > 1 and not cuda:
+        # On CPU ranks accelerate sets up torch.distributed (gloo) but not DeepSpeed's own comm
+        # layer; ZeRO-3's zero.Init would then count a world of 1 and fail its batch-size check.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+
     with args.main_process_first(desc="base model conversion and tokenization"):
         model_path = resolve_base_model(model_args.base_model, cache_dir)
         tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
@@ -193,21 +201,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     model = load_model(model_path, tokenizer, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
     if model_args.gradient_checkpointing:
         model.config.use_cache = False
-    _log(f"model {model_args.base_model} ({model_path}): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {precision}")
+    _log(f"model {model_args.base_model} ({model_path}): {sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f}M parameters, {precision}")
 
     preemption = PreemptionWatch(train_args.preemption_grace_s)
-    callbacks = [_progress_callback(), preemption.callback()]
-    progress = callbacks[0]
+    # The metrics stream the flow's live card reads (rank 0 writes it); it comes first so that
+    # the base model's evaluation point lands after its "begin" event.
+    stream = progress_callback(output_dir / PROGRESS_FILE)
+    callbacks = [stream, _progress_callback(), preemption.callback()]
+    progress = callbacks[1]
     generation_eval = None
     if eval_rows_for_generation:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        if is_deepspeed_zero3_enabled():
-            # Sharded weights: one rank cannot generate alone (the others would have to join).
-            _log("evaluation generation skipped under ZeRO-3 (weights are sharded across ranks)")
-        else:
-            generation_eval = evaluation_callback(eval_rows_for_generation, tokenizer, train_args.eval_max_new_tokens)
-            callbacks.append(generation_eval)
+        # Every rank answers its share; under ZeRO-3 the ranks generate together (sharded weights).
+        generation_eval = evaluation_callback(eval_rows_for_generation, tokenizer, train_args.eval_max_new_tokens,
+                                              on_point=stream.evaluation_point)
+        callbacks.append(generation_eval)
     uploader = None
     if train_args.s3_uri:
         store = S3CheckpointStore(f"{train_args.s3_uri.rstrip('/')}/checkpoints")
@@ -239,6 +246,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     result = trainer.train(resume_from_checkpoint=resume_path)
     if preemption.requested:
         step = trainer.state.global_step
+        stream.end(step, "preempted")
         if uploader is not None:
             uploader.close(timeout=preemption.remaining_s())
             where = f"uploaded to {uploader.store.uri}" if any(m["name"] == f"checkpoint-{step}" for m in uploader.uploaded) else "upload not finished within the grace period"
@@ -251,9 +259,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     eval_after = progress.eval_losses[-1][1]
     evaluation = []
     # Generation ran inside trainer.train(): keep it out of the training throughput.
-    generation_s = sum(p["seconds"] for p in generation_eval.points) if generation_eval is not None else 0.0
-    if generation_eval is not None and trainer.is_world_process_zero():
-        if not generation_eval.points or generation_eval.points[-1]["global_step"] != trainer.state.global_step:
+    generation_s = generation_eval.seconds if generation_eval is not None else 0.0
+    if generation_eval is not None:
+        # All ranks know the last answered step (each took part), so all agree on this.
+        answered_steps = generation_eval.last_step
+        if answered_steps != trainer.state.global_step:
             generation_eval.answer(trainer.state, trainer.model, "final")
         evaluation = generation_eval.points
     trainer.save_model(str(output_dir))  # gathers ZeRO-3 shards into one safetensors model
@@ -314,6 +324,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             # Written after the model upload, so it is not part of it: the flow reads it.
             (output_dir / UPLOADS_FILE).write_text(json.dumps(uploads, indent=1))
             _log(f"final model uploaded to {metrics['model_location']}")
+        stream.end(metrics["global_step"], "done")
         _log(
             f"done: eval loss {eval_before:.4f} -> {metrics['eval_loss_after']:.4f}, "
             f"{metrics['global_step']} steps, {metrics['tokens_per_second']:.0f} tokens/s; model in {output_dir}"

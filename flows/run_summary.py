@@ -1,0 +1,79 @@
+"""The ``end`` step's card: the whole run on one screen.
+
+What was trained (base model, data, preset, DeepSpeed, hyperparameters), how it did (loss,
+perplexity, the share of answers that end at ``### End``, throughput), where the model is and
+how to load it.
+
+    python flows/dolly_flow.py card view end --id summary
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metaflow.cards import Markdown, Table
+
+CARD_ID = "summary"
+
+
+def load_instructions(model_location: str, pathspec: str) -> str:
+    """How to answer instructions with this run's model: CLI and Python."""
+    return (
+        "```\n"
+        f"python -m training.generate --run {pathspec} \"Give three tips for a good night's sleep.\"\n"
+        f"python -m training.generate --model {model_location} \"What is a haiku?\"\n"
+        "```\n"
+        "```python\n"
+        "from training.generate import load_for_generation, generate_response\n"
+        f"model, tokenizer = load_for_generation({model_location!r})\n"
+        "print(generate_response(model, tokenizer, 'What is a haiku?').text)\n"
+        "```"
+    )
+
+
+def _change(before: float | None, after: float | None, fmt: str) -> str:
+    if before is None or after is None:
+        return "n/a"
+    return f"{format(before, fmt)} → {format(after, fmt)}"
+
+
+def summary_components(*, pathspec: str, config: dict[str, Any], metrics: dict[str, Any],
+                       evaluation: list[dict[str, Any]], model_location: str) -> list:
+    """Card components for a finished run (artifacts of ``start`` and ``train``)."""
+    training = config["training"]
+    ranks = metrics.get("world_size", 1)
+    accumulation = training.get("gradient_accumulation_steps", 1)
+    effective = training["batch_size"] * accumulation * ranks
+    rows = config.get("dataset_rows", {})
+    inputs = [
+        ["Base model", config["base_model"]],
+        ["Data", f"{config['dataset']}: {metrics['train_rows']} train / {metrics['eval_rows']} eval rows used "
+                 f"({rows.get('train', '?')} / {rows.get('eval', '?')} in the data; "
+                 f"{metrics['dropped_long_rows']} too long, {metrics['skipped_bad_rows']} bad), "
+                 f"fingerprint {metrics['dataset_fingerprint'][:12]}"],
+        ["Preset", f"{config['preset']}: {config['resources'].get('gpu') or 0} GPU(s), "
+                   f"{config['resources'].get('cpu')} CPUs, {config['resources'].get('memory')} MB"],
+        ["DeepSpeed", config.get("deepspeed_config") or "off"],
+        ["Precision, ranks", f"{metrics['precision']}, {ranks}"],
+        ["Schedule", f"{metrics['global_step']} steps, {metrics['epochs']:.2f} epochs, lr {training['learning_rate']:g}, "
+                     f"batch {training['batch_size']} x {accumulation} accumulation x {ranks} rank(s) = "
+                     f"{effective} sequences/step"],
+    ]
+    first = evaluation[0] if evaluation else {}
+    last = evaluation[-1] if evaluation else {}
+    results = [
+        ["Eval loss", _change(metrics["eval_loss_before"], metrics["eval_loss_after"], ".4f")],
+        ["Perplexity", _change(metrics["perplexity_before"], metrics["perplexity_after"], ".2f")],
+        ["Answers ending at ### End", _change(metrics.get("ended_share_base"), metrics.get("ended_share_final"), ".0%")],
+        ["Mean answer tokens", _change(first.get("mean_new_tokens"), last.get("mean_new_tokens"), ".0f")],
+        ["Training throughput", f"{metrics['tokens_per_second']:,.0f} tokens/s ({metrics['tokens']:,} tokens)"],
+        ["Time", f"{metrics['train_runtime_s']:.0f} s training, {metrics['total_runtime_s']:.0f} s in the trainer"],
+    ]
+    return [
+        Markdown(f"# {pathspec}\nFine-tuned **{config['base_model']}** on **{config['dataset']}**."),
+        Table(data=inputs, headers=["What was trained", ""]),
+        Table(data=results, headers=["How it did (base → tuned)", ""]),
+        Markdown(f"## The model\n`{model_location}`\n\n" + load_instructions(model_location, pathspec)),
+        Markdown("Curves and every answer: `card view train --id training`; GPU use: "
+                 "`card view train --id gpu_profile`."),
+    ]
