@@ -236,3 +236,12 @@ def tiny_run(tiny_config, flow_home) -> tuple:
                          cwd=str(flow_home), config=[("config", str(tiny_config))]).run() as running:
         assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
         return running.run, running.stdout
+
+
+def free_port() -> str:
+    """A TCP port free on 127.0.0.1 now: DeepSpeed's rendezvous must not collide between tests."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])

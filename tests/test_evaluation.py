@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, python_env
+from tests.conftest import REPO, free_port, python_env
 from training.evaluation import (
     DEFAULT_EVAL_INSTRUCTIONS,
     EvalInstructionsError,
@@ -76,7 +76,7 @@ def test_zero3_two_ranks_share_the_answers_and_match_one_process(tiny_model_dir,
         return json.loads((tmp_path / out / "metrics.json").read_text()), result.stdout
 
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    sharded, log = train(launcher, "--num_gpus", "2", "--master_port", "29541", "--module", "training.trainer",
+    sharded, log = train(launcher, "--num_gpus", "2", "--master_port", free_port(), "--module", "training.trainer",
                          "--deepspeed", "ds_configs/zero3.json", out="zero3")
     plain, _ = train(sys.executable, "-m", "training.trainer", out="plain")
     assert sharded["world_size"] == 2

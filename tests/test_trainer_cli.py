@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, python_env, write_jsonl
+from tests.conftest import REPO, free_port, python_env, write_jsonl
 
 TRAINER = [sys.executable, "-m", "training.trainer"]
 
@@ -109,7 +109,7 @@ def test_deepspeed_zero2_one_cpu_rank_through_the_launcher(tiny_model_dir, small
     out = tmp_path / "out"
     launcher = Path(sys.executable).parent / "deepspeed"
     result = run([
-        str(launcher), "--num_gpus", "1", "--master_port", "29517", "--module", "training.trainer",
+        str(launcher), "--num_gpus", "1", "--master_port", free_port(), "--module", "training.trainer",
         "--deepspeed", "ds_configs/zero2.json", "--base_model", str(tiny_model_dir),
         "--dataset", str(small_dataset_dir), "--output_dir", str(out), "--max_steps", "4",
         "--per_device_train_batch_size", "4", "--logging_steps", "1", "--cache_dir", str(tmp_path / "cache"),
@@ -128,7 +128,7 @@ def test_deepspeed_zero3_saves_a_full_model(tiny_model_dir, small_dataset_dir, t
     out = tmp_path / "out"
     launcher = Path(sys.executable).parent / "deepspeed"
     result = run([
-        str(launcher), "--num_gpus", "1", "--master_port", "29518", "--module", "training.trainer",
+        str(launcher), "--num_gpus", "1", "--master_port", free_port(), "--module", "training.trainer",
         "--deepspeed", f"ds_configs/{config}", "--base_model", str(tiny_model_dir),
         "--dataset", str(small_dataset_dir), "--output_dir", str(out), "--max_steps", "2",
         "--per_device_train_batch_size", "4", "--cache_dir", str(tmp_path / "cache"),

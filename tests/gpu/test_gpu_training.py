@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, python_env
+from tests.conftest import REPO, free_port, python_env
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -30,7 +30,7 @@ def test_deepspeed_zero2_on_cuda_with_auto_precision(tiny_model_dir, small_datas
     out = tmp_path / "out"
     launcher = Path(sys.executable).parent / "deepspeed"
     result = subprocess.run(
-        [str(launcher), "--num_gpus", "1", "--master_port", "29531", "--module", "training.trainer",
+        [str(launcher), "--num_gpus", "1", "--master_port", free_port(), "--module", "training.trainer",
          "--deepspeed", "ds_configs/zero2.json", "--base_model", str(tiny_model_dir),
          "--dataset", str(small_dataset_dir), "--output_dir", str(out), "--max_steps", "4",
          "--per_device_train_batch_size", "4", "--cache_dir", str(tmp_path / "cache")],
