@@ -28,6 +28,7 @@ from training.metaflow_runs import ensure_metaflow_user
 ensure_metaflow_user()  # before Metaflow reads the user: a root container runs as "dolly"
 # isort: on
 
+from kubernetes_settings import kubernetes_settings
 from metaflow import (
     Config,
     FlowSpec,
@@ -157,6 +158,7 @@ class DollyFlow(FlowSpec):
         "(DollyFlow/<run id>) to continue from that run's newest valid checkpoint.",
     )
 
+    @kubernetes_settings
     @step
     def start(self):
         """Validate every input and record the resolved configuration."""
@@ -254,6 +256,7 @@ class DollyFlow(FlowSpec):
     @retry(times=settings.retries, minutes_between_retries=0)
     @card(type="blank", id="training", refresh_interval=5)
     @gpu_profile(interval=1)
+    @kubernetes_settings  # the config's "kubernetes" section, under --with kubernetes / Argo
     @resources(
         cpu=settings.resources.cpu,
         gpu=settings.resources.gpu,
@@ -293,6 +296,7 @@ class DollyFlow(FlowSpec):
         self.next(self.end)
 
     @card(type="blank", id="summary")
+    @kubernetes_settings
     @step
     def end(self):
         """Report where the model is and how it did (also as the card `card view end`)."""

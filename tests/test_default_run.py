@@ -1,8 +1,9 @@
 """The main job exactly as the README runs it: `python flows/dolly_flow.py run`, no arguments.
 
 Fine-tunes the bundled SmolLM2-135M-Instruct on the bundled sample (~5 minutes on 2 cores), then
-checks what the issue promises: eval loss falls, and the saved model answers an instruction with
-a response that ends at `### End`.
+checks what the issues promise: eval loss falls; more of the tuned model's answers to the shipped
+evaluation instructions end at `### End` than the base model's; the `training` card shows the
+curves and the evaluation table; the saved model answers held-out instructions and stops.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, metaflow_runner, python_env, read_jsonl
+from tests.conftest import (
+    REPO,
+    card_components,
+    component_types,
+    metaflow_runner,
+    python_env,
+    read_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +32,16 @@ def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
         run = running.run
     metrics = run.data.training_metrics
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"], metrics
+    assert metrics["ended_share_final"] > metrics["ended_share_base"], metrics
+
+    from metaflow.cards import get_cards
+
+    (card,) = get_cards(run["train"].task, id="training")
+    components = card_components(card.get())
+    types = component_types(components)
+    assert types["image"] == 2 and types["table"] == 1, types
+    evaluation = run["train"].task.data.evaluation
+    assert evaluation[0]["label"] == "base" and len(evaluation) >= 2
     location = Path(run.data.model_location)
     assert location.is_relative_to(tmp_path / "models")
 
