@@ -6,7 +6,7 @@
     def train(self): ...
 
     "kubernetes": {                                   # in the config
-        "image": "registry.example.com/metaflow-dolly-gpu:cu128-torch2.13",   # every step
+        "image": "registry.example.com/metaflow-dolly-gpu:cu126-torch2.13",   # every step
         "train": {                                    # the train step only: the GPU node pool
             "node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

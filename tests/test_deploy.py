@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow i
 from kubernetes_settings import KubernetesSettingsError, settings_for  # noqa: E402
 
 FLOW = REPO / "flows" / "dolly_flow.py"
-IMAGE = "registry.example.com/ml/metaflow-dolly-gpu:cu128-torch2.13"
+IMAGE = "registry.example.com/ml/metaflow-dolly-gpu:cu126-torch2.13"
 
 
 def preset_with_image(name: str, tmp_path: Path) -> Path:
