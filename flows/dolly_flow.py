@@ -43,7 +43,7 @@ from metaflow import (
 from metaflow.exception import MetaflowException
 from model_store import LocalModelStore, resolve_resume_from, run_s3_root, s3_endpoint_env
 from run_summary import load_instructions, summary_components
-from trainer_launch import launch_command, run_streaming, trainer_arguments, visible_gpus
+from trainer_launch import Nodes, launch_command, run_streaming, trainer_arguments, visible_gpus
 from training_card import LiveTrainingCard
 
 from gpu_profile import gpu_profile
@@ -96,6 +96,8 @@ def in_flow_terms(problem: str) -> str:
 )
 class DollyFlow(FlowSpec):
     """Fine-tune a causal LM on instruction data (Dolly v2 prompt format, completion-only loss)."""
+
+    MULTI_NODE = False  # DollyMultiNodeFlow runs train as a gang of config num_nodes nodes
 
     settings = Config(
         "config",
@@ -162,6 +164,11 @@ class DollyFlow(FlowSpec):
     @step
     def start(self):
         """Validate every input and record the resolved configuration."""
+        self.check_inputs()
+        self.next(self.train)
+
+    def check_inputs(self) -> None:
+        """Every check of `start`, shared with DollyMultiNodeFlow: raises InvalidRunInputs."""
         from training.arguments import find_problems, parse_args, resolve_precision
         from training.base_model import BaseModelError, resolve_base_model
         from training.checkpoint_store import CheckpointStoreError
@@ -201,6 +208,12 @@ class DollyFlow(FlowSpec):
                 self.resume_checkpoint = resolve_resume_from(self.resume_from)
             except (ValueError, KeyError, CheckpointStoreError) as err:
                 problems.append(f"--resume-from: {err}")
+        nodes = int(self.settings.get("num_nodes", 1))
+        if nodes > 1 and not self.MULTI_NODE:
+            problems.append(
+                f"config num_nodes is {nodes}: run this preset with flows/dolly_multinode_flow.py "
+                "(the same flow with train as a @parallel gang), or set num_nodes to 1."
+            )
         if self.eval_instructions != "none":
             try:
                 load_eval_instructions(self.eval_instructions or DEFAULT_EVAL_INSTRUCTIONS)
@@ -250,7 +263,6 @@ class DollyFlow(FlowSpec):
             f"({len(data.train)} train / {len(data.eval)} eval rows, fingerprint {data.fingerprint[:12]}), "
             f"DeepSpeed {train_args.deepspeed or 'off'}, preset {self.settings.name}."
         )
-        self.next(self.train)
 
     # Preemptible GPUs: a retried attempt resumes from the newest valid checkpoint in S3.
     @retry(times=settings.retries, minutes_between_retries=0)
@@ -266,11 +278,18 @@ class DollyFlow(FlowSpec):
     @step
     def train(self):
         """Run the trainer under DeepSpeed, one rank per visible GPU (one CPU rank without GPUs)."""
+        self.train_on_this_node()
+        self.next(self.end)
+
+    def train_on_this_node(self, nodes: Nodes | None = None) -> None:
+        """The train step's work on one node; node 0 (the only one without `nodes`) also
+        publishes the model and sets `training_metrics`, `evaluation`, `model_location`."""
+        nodes = nodes or Nodes()
         store = LocalModelStore(Path(self.settings.get("model_root", "models")))
-        workdir = store.workdir(current.flow_name, current.run_id)
+        workdir = store.workdir(current.flow_name, current.run_id, node=nodes.rank)
         gpus = visible_gpus()
         ranks = gpus or 1
-        print(f"Training on {f'{gpus} GPU(s)' if gpus else 'CPU (1 rank)'}; output in {workdir}")
+        print(f"Training on {f'{gpus} GPU(s)' if gpus else 'CPU (1 rank)'}{nodes.describe()}; output in {workdir}")
         argv = [*self.trainer_argv, "--output_dir", str(workdir)]
         if self.checkpoint_root:
             # A retry (@retry), `resume`, or a fresh run alike: continue from the newest valid
@@ -279,8 +298,11 @@ class DollyFlow(FlowSpec):
             argv += ["--s3_uri", self.checkpoint_root, "--resume_from", resume]
         elif self.resume_checkpoint:
             argv += ["--resume_from", self.resume_checkpoint]
-        with LiveTrainingCard(workdir / PROGRESS_FILE) as live:
-            run_streaming(launch_command(argv, ranks), env=s3_endpoint_env())
+        # World rank 0 (on node 0) writes the metrics stream; other nodes' cards point there.
+        with LiveTrainingCard(workdir / PROGRESS_FILE, node=nodes.rank) as live:
+            run_streaming(launch_command(argv, ranks, nodes), env=s3_endpoint_env())
+        if nodes.rank != 0:
+            return  # node 0 publishes the model and the metrics
         # The curves of the card as (step, value) lists: loss, eval_loss, learning_rate, ...
         self.training_history = live.history()
         self.training_metrics = json.loads((workdir / "metrics.json").read_text())
@@ -293,7 +315,6 @@ class DollyFlow(FlowSpec):
         else:
             self.checkpoint_manifest = {}
             self.model_location = store.publish(workdir)
-        self.next(self.end)
 
     @card(type="blank", id="summary")
     @kubernetes_settings

@@ -18,9 +18,12 @@ from pathlib import Path
 class LocalModelStore:
     root: Path
 
-    def workdir(self, flow_name: str, run_id: str) -> Path:
-        """The directory the trainer writes the model, checkpoints and logs into."""
-        path = (self.root / flow_name / str(run_id)).resolve()
+    def workdir(self, flow_name: str, run_id: str, node: int = 0) -> Path:
+        """The directory the trainer writes the model, checkpoints and logs into.
+
+        Nodes after the first (a multi-node gang) get their own: on one host they must not
+        write their checkpoint shards over node 0's."""
+        path = (self.root / flow_name / (f"{run_id}-node{node}" if node else str(run_id))).resolve()
         path.mkdir(parents=True, exist_ok=True)
         return path
 

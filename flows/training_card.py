@@ -162,9 +162,10 @@ def _health_figure(view: dict[str, Any]) -> Figure:
 class LiveTrainingCard:
     """Redraws the ``training`` card from the stream every few seconds while the block runs."""
 
-    def __init__(self, stream: Path, card_id: str = CARD_ID) -> None:
+    def __init__(self, stream: Path, card_id: str = CARD_ID, node: int = 0) -> None:
         self.reader = ProgressReader(stream)
         self.card_id = card_id
+        self.node = node  # a node after the first: the stream (world rank 0) is on node 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="training-card", daemon=True)
         self._charts: tuple[int, list] = (-1, [])  # (events drawn, chart components)
@@ -197,6 +198,12 @@ class LiveTrainingCard:
         try:
             card = current.card[self.card_id]
             card.clear()
+            if self.node:
+                card.append(Markdown(f"## Training\nThis is node {self.node} of a multi-node run: the curves, "
+                                     "progress and evaluation are on node 0's `training` card; this node's "
+                                     "GPUs are on its `gpu_profile` card."))
+                card.refresh(force=force)
+                return
             view = self.reader.view()
             # Charts are redrawn only when new events came in; the progress line every time.
             if self._charts[0] != len(self.reader.events):

@@ -32,10 +32,10 @@ def preset_with_image(name: str, tmp_path: Path) -> Path:
     return path
 
 
-def argo_json(config: Path, s3_env: dict, bucket: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+def argo_json(config: Path, s3_env: dict, bucket: str, cwd: Path, *extra: str, flow: Path = FLOW) -> subprocess.CompletedProcess:
     env = python_env(**s3_env, METAFLOW_DEFAULT_DATASTORE="s3", METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{bucket}/metaflow",
                      METAFLOW_DEFAULT_METADATA="local", USERNAME="tester")
-    return subprocess.run([sys.executable, str(FLOW), "--config", "config", str(config), *extra, "argo-workflows",
+    return subprocess.run([sys.executable, str(flow), "--config", "config", str(config), *extra, "argo-workflows",
                            "create", "--only-json"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
