@@ -42,11 +42,13 @@ from metaflow import (
 )
 from metaflow.exception import MetaflowException
 from model_store import LocalModelStore, resolve_resume_from, run_s3_root, s3_endpoint_env
+from preflight_checks import node_preflight, start_preflight
 from run_summary import load_instructions, summary_components
 from trainer_launch import Nodes, launch_command, run_streaming, trainer_arguments, visible_gpus
 from training_card import LiveTrainingCard
 
 from gpu_profile import gpu_profile
+from training.preflight import format_findings
 from training.progress import PROGRESS_FILE
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -63,6 +65,12 @@ PARAMETER_FOR_FLAG = {
     "per_device_train_batch_size": "--batch-size",
 }
 CONFIG_KEY_FOR_FLAG = {"per_device_eval_batch_size": "eval_batch_size"}
+
+
+class PreflightFailed(MetaflowException):
+    """The train node cannot run the planned training (wrong GPUs, driver, /dev/shm, disk...)."""
+
+    headline = "Preflight on the train node failed"
 
 
 class InvalidRunInputs(MetaflowException):
@@ -169,7 +177,7 @@ class DollyFlow(FlowSpec):
 
     def check_inputs(self) -> None:
         """Every check of `start`, shared with DollyMultiNodeFlow: raises InvalidRunInputs."""
-        from training.arguments import find_problems, parse_args, resolve_precision
+        from training.arguments import find_problems, parse_args
         from training.base_model import BaseModelError, resolve_base_model
         from training.checkpoint_store import CheckpointStoreError
         from training.dataset import DatasetError, load_instruction_data
@@ -192,12 +200,6 @@ class DollyFlow(FlowSpec):
         # The trainer's own parser and checks: start fails with the message the trainer would print.
         model_args, data_args, train_args = parse_args(self.trainer_argv)
         problems = find_problems(model_args, data_args, train_args)
-        gpus = int(self.settings.resources.gpu or 0)
-        if gpus == 0:  # the train step runs on CPU: only fp32/bf16 can run there
-            try:
-                resolve_precision(train_args.precision, cuda=False, compute_capability=None)
-            except ValueError as err:
-                problems.append(str(err))
         # Where checkpoints and the model go: the parameter, else this run's S3 prefix, else "".
         self.checkpoint_root = (self.checkpoint_uri or run_s3_root(current.flow_name, current.run_id)).rstrip("/")
         if self.checkpoint_root and not self.checkpoint_root.startswith("s3://"):
@@ -224,11 +226,19 @@ class DollyFlow(FlowSpec):
             data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows)
         except DatasetError as err:
             problems.append(str(err))
+        resolved_model = model_args.base_model
         if not problems:  # resolving may convert the bundled model: only worth it if all else is fine
             try:
                 resolved_model = resolve_base_model(model_args.base_model)
             except BaseModelError as err:
                 problems.append(str(err))
+        # What the config declares about the hardware against the plan: precision, /dev/shm,
+        # GPU memory. The train node checks again with its real facts.
+        findings, self.preflight_start = start_preflight(self.settings, model_args, data_args, train_args,
+                                                         resolved_model)
+        problems += [f.message for f in findings if f.severity == "error"]
+        for warning in (f for f in findings if f.severity == "warning"):
+            print(f"Preflight warning [{warning.code}]: {in_flow_terms(warning.message)}")
         if problems:
             raise InvalidRunInputs(
                 "DollyFlow cannot start:\n  "
@@ -290,6 +300,14 @@ class DollyFlow(FlowSpec):
         gpus = visible_gpus()
         ranks = gpus or 1
         print(f"Training on {f'{gpus} GPU(s)' if gpus else 'CPU (1 rank)'}{nodes.describe()}; output in {workdir}")
+        # This node's real GPUs, driver, NCCL, /dev/shm and disk against the plan, before the
+        # trainer loads anything: a wrong node fails in seconds, not after hours.
+        findings, self.preflight = node_preflight(self.settings, self.trainer_argv, str(workdir), nodes.count)
+        print(format_findings(findings))
+        if any(f.severity == "error" for f in findings):
+            with LiveTrainingCard(workdir / PROGRESS_FILE, node=nodes.rank, preflight=self.preflight):
+                # raised inside: the card's final render shows the failure and the findings
+                raise PreflightFailed(in_flow_terms(format_findings(findings)))
         argv = [*self.trainer_argv, "--output_dir", str(workdir)]
         if self.checkpoint_root:
             # A retry (@retry), `resume`, or a fresh run alike: continue from the newest valid
@@ -299,7 +317,7 @@ class DollyFlow(FlowSpec):
         elif self.resume_checkpoint:
             argv += ["--resume_from", self.resume_checkpoint]
         # World rank 0 (on node 0) writes the metrics stream; other nodes' cards point there.
-        with LiveTrainingCard(workdir / PROGRESS_FILE, node=nodes.rank) as live:
+        with LiveTrainingCard(workdir / PROGRESS_FILE, node=nodes.rank, preflight=self.preflight) as live:
             run_streaming(launch_command(argv, ranks, nodes), env=s3_endpoint_env())
         if nodes.rank != 0:
             return  # node 0 publishes the model and the metrics

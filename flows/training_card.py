@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,40 @@ def card_components(view: dict[str, Any], failed: str | None = None, charts: lis
         ))
         components.append(evaluation_table(view["evaluation"]))
     return components
+
+
+def preflight_components(record: dict[str, Any]) -> list:
+    """This node's preflight (training.preflight.preflight_record): verdict, findings, facts."""
+    facts = record["facts"]
+    findings = record["findings"]
+    verdict = "every check passed" if not findings else (
+        f"{sum(f['severity'] == 'error' for f in findings)} error(s), "
+        f"{sum(f['severity'] == 'warning' for f in findings)} warning(s)")
+    lines = [f"## Preflight on this node: {verdict}"]
+    lines += [f"- **{f['severity']}** [{f['code']}] {f['message']}" for f in findings]
+    gpus = facts.get("gpus") or []
+    names = ", ".join(sorted({g["name"] for g in gpus})) or "none"
+    estimate = record.get("memory_estimate")
+    rows = [
+        ["GPUs requested / visible", f"{facts['gpus_requested']} / {len(gpus)} ({names})"],
+        ["Driver (CUDA it supports)", f"{facts.get('driver_version') or 'n/a'} ({_version(facts.get('driver_cuda'))})"],
+        ["torch (CUDA build), NCCL", f"{facts.get('torch_version') or 'n/a'} ({facts.get('torch_cuda') or 'CPU'}), "
+                                     f"{_version(facts.get('nccl_version'))}"],
+        ["/dev/shm", _gib(facts.get("shm_bytes"))],
+        ["Free disk / needed for checkpoints", f"{_gib(facts.get('disk_free_bytes'))} / {_gib(record.get('checkpoint_disk_bytes'))}"],
+    ]
+    if estimate and gpus:
+        smallest = min((g["total_memory_bytes"] for g in gpus if g.get("total_memory_bytes")), default=None)
+        rows.append(["GPU memory estimate / smallest GPU", f"{_gib(estimate['per_gpu'])} / {_gib(smallest)}"])
+    return [Markdown("\n".join(lines)), Table(data=rows, headers=["Fact", "Value"])]
+
+
+def _version(value: Any) -> str:
+    return ".".join(str(v) for v in value) if value else "n/a"
+
+
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1024**3:.1f} GiB"
 
 
 def chart_components(view: dict[str, Any]) -> list:
@@ -162,13 +197,16 @@ def _health_figure(view: dict[str, Any]) -> Figure:
 class LiveTrainingCard:
     """Redraws the ``training`` card from the stream every few seconds while the block runs."""
 
-    def __init__(self, stream: Path, card_id: str = CARD_ID, node: int = 0) -> None:
+    def __init__(self, stream: Path, card_id: str = CARD_ID, node: int = 0,
+                 preflight: dict[str, Any] | None = None) -> None:
         self.reader = ProgressReader(stream)
         self.card_id = card_id
         self.node = node  # a node after the first: the stream (world rank 0) is on node 0
+        self.preflight = preflight  # this node's preflight record, shown at the end of the card
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="training-card", daemon=True)
         self._charts: tuple[int, list] = (-1, [])  # (events drawn, chart components)
+        self._rendered_at = 0.0
 
     def __enter__(self) -> LiveTrainingCard:
         self._render()  # "starting" at once, so the card exists before the first step
@@ -195,6 +233,12 @@ class LiveTrainingCard:
             self._render()  # also when nothing is new: elapsed time and ETA move on
 
     def _render(self, failed: str | None = None, force: bool = False) -> None:
+        if force:
+            # Metaflow drops any refresh within refresh_interval of the previous one, forced or
+            # not (and an async render still running): a failure right after the last redraw
+            # (a preflight error at once) would leave the card without it. Wait that out.
+            time.sleep(max(0.0, self._rendered_at + REFRESH_S + 0.5 - time.monotonic()))
+        self._rendered_at = time.monotonic()
         try:
             card = current.card[self.card_id]
             card.clear()
@@ -202,13 +246,14 @@ class LiveTrainingCard:
                 card.append(Markdown(f"## Training\nThis is node {self.node} of a multi-node run: the curves, "
                                      "progress and evaluation are on node 0's `training` card; this node's "
                                      "GPUs are on its `gpu_profile` card."))
-                card.refresh(force=force)
-                return
-            view = self.reader.view()
-            # Charts are redrawn only when new events came in; the progress line every time.
-            if self._charts[0] != len(self.reader.events):
-                self._charts = (len(self.reader.events), chart_components(view))
-            card.extend(card_components(view, failed, charts=self._charts[1]))
+            else:
+                view = self.reader.view()
+                # Charts are redrawn only when new events came in; the progress line every time.
+                if self._charts[0] != len(self.reader.events):
+                    self._charts = (len(self.reader.events), chart_components(view))
+                card.extend(card_components(view, failed, charts=self._charts[1]))
+            if self.preflight is not None:
+                card.extend(preflight_components(self.preflight))
             card.refresh(force=force)
         except Exception as err:  # a card must never fail the training it shows
             print(f"training card: could not render ({type(err).__name__}: {err})", file=sys.stderr)

@@ -1,0 +1,814 @@
+"""Preflight: can this hardware and environment run the chosen training? Refuse early if not.
+
+The flow checks twice. In ``start``, on the launching machine (often a laptop with no GPU), only
+what the config declares can be judged: the precision against the preset's GPU, /dev/shm against
+``resources.shared_memory``, the memory-fit estimate against the preset's GPU memory. In
+``train``, on the GPU node, before the trainer starts, every rule runs on the node's real facts.
+Each problem comes back as a :class:`Finding` that names what is wrong and the fix; errors stop
+the run, warnings are printed.
+
+    from training.preflight import (check, declared_facts, gather_facts, plan_from_args,
+                                    model_size_from_config, preflight_record, require_ok)
+
+    plan = plan_from_args(model_args, data_args, train_args,
+                          **model_size_from_config(AutoConfig.from_pretrained(base_model)))
+    # start: facts from the config (no GPU here)
+    facts = declared_facts(gpus=4, gpu_name="A100 80GB", gpu_memory_gib=80,
+                           compute_capability=(8, 0), shared_memory_mb=32768, memory_mb=245760)
+    findings = check(facts, plan, where="start")
+    # train: the node's real facts
+    facts = gather_facts(gpus_requested=4, output_dir="/tmp/out")
+    findings = check(facts, plan, where="train")
+    record = preflight_record(facts, plan, findings)   # JSON-serialisable: artifact and card
+    require_ok(findings)                               # PreflightError listing every error
+
+Messages use the trainer's flags (``--precision``, ``--deepspeed``,
+``--per_device_train_batch_size``...), like :func:`training.arguments.find_problems`, so the flow's
+``in_flow_terms`` renames them to its own parameters and config keys.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from training.arguments import (
+    DataArguments,
+    ModelArguments,
+    TrainArguments,
+    check_deepspeed_config,
+    resolve_precision,
+    resolve_repo_path,
+)
+
+GIB = 1024**3
+MIB = 1024**2
+
+# --- thresholds, each with its reason -----------------------------------------------------------
+
+# A container's /dev/shm is 64 MiB unless something mounts a bigger one (Docker's --shm-size
+# default; containerd's too). Metaflow's @kubernetes mounts a memory-backed /dev/shm of
+# resources.shared_memory MiB only when that is set.
+CONTAINER_DEFAULT_SHM = 64 * MIB
+# /dev/shm wanted per GPU on a multi-GPU node. NCCL's shared-memory transport (between GPUs
+# without P2P/NVLink, common on cloud PCIe nodes) allocates its buffers there: NCCL_BUFFSIZE
+# (4 MiB by default) per channel and direction of every connection, tens of MiB to a few hundred
+# per rank; PyTorch's DataLoader workers hand batches over through it too. NVIDIA's container
+# guides run with --shm-size=1g or --ipc=host, and PyTorch's tutorial CI raised its GPU
+# containers to 2 GB after NCCL crashed in ncclShmOpen under the 64 MB default
+# (pytorch/tutorials#2475). 1 GiB per GPU keeps that margin at 2-8 GPUs; the GPU presets
+# declare 8 GiB per GPU.
+SHM_PER_GPU = 1 * GIB
+
+# Adam's optimizer state as checkpointed: fp32 master weights (4) + two fp32 moments (8) bytes per
+# parameter. DeepSpeed's *_optim_states.pt shards hold exactly these; a plain Trainer's
+# optimizer.pt holds the 8 bytes of moments next to fp32 weights, the same 12.
+OPTIMIZER_CHECKPOINT_BYTES = 12
+
+# Activations of one transformer layer, in bytes per token per hidden unit, with 16-bit
+# activations: 34 * s*b*h (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+# Transformer Models", eq. 1, without its 5*a*s/h attention-score term: transformers' default
+# SDPA attention uses fused kernels that never store the s x s scores).
+ACTIVATION_BYTES_PER_LAYER = 34
+# With gradient checkpointing each layer keeps only its 16-bit input (2 * s*b*h) and the backward
+# pass recomputes one layer at a time (one more 34 * s*b*h).
+CHECKPOINTED_BYTES_PER_LAYER = 2
+# The LM head's logits and the loss, per token per vocabulary entry: 16-bit logits (2), their
+# fp32 copy for the loss (4) and cross-entropy's saved fp32 log-softmax (4).
+LOGIT_BYTES = 10
+# Over the sum of the estimates: PyTorch's caching allocator holds ~10% more than live tensors
+# (fragmentation), and each process needs a fixed amount besides: CUDA context and kernels
+# (~0.5-1 GiB), NCCL buffers (~0.5 GiB) and DeepSpeed's communication buckets (our ZeRO-2 configs'
+# allgather bucket is 2e8 elements: 0.4 GB in 16-bit, several times that with overlap_comm).
+FRAGMENTATION = 1.10
+FIXED_OVERHEAD = 3 * GIB
+
+WHERE = ("start", "train")
+
+
+# --- what the rules look at ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    """One GPU as the training processes see it (or as the config declares it)."""
+
+    name: str
+    compute_capability: tuple[int, int] | None = None
+    total_memory_bytes: int | None = None
+
+
+@dataclass
+class HardwareFacts:
+    """Everything a rule needs, as plain values; None means "not known here"."""
+
+    gpus_requested: int  # per node (the config's resources.gpu)
+    gpus: list[GpuFacts] | None  # visible to torch on this node; None: not known (start)
+    num_nodes: int = 1
+    cuda_visible_devices: str | None = None
+    nvml_gpu_count: int | None = None  # what the driver sees, CUDA_VISIBLE_DEVICES or not
+    driver_version: str | None = None
+    driver_cuda: tuple[int, int] | None = None  # newest CUDA the driver supports (NVML)
+    torch_version: str | None = None  # None: not known (start)
+    torch_cuda: str | None = None  # torch.version.cuda; None for a CPU build of torch
+    torch_arch_list: list[str] | None = None  # torch.cuda.get_arch_list(): sm_80, compute_90...
+    nccl_version: tuple[int, ...] | None = None  # None: this torch has no NCCL (or not known)
+    shm_bytes: int | None = None  # size of /dev/shm
+    disk_free_bytes: int | None = None  # free at the output directory
+    host_memory_bytes: int | None = None  # RAM this container may use
+    output_dir: str | None = None
+    notes: list[str] = field(default_factory=list)  # why a fact is missing (NVML error, ...)
+
+
+@dataclass
+class TrainingPlan:
+    """What the run will do, as far as memory, disk and precision are concerned."""
+
+    num_parameters: int
+    precision: str = "auto"  # auto, bf16, fp16, fp32 (training.arguments.PRECISIONS)
+    zero_stage: int = 0  # 0 also without DeepSpeed
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    deepspeed_config: str = ""
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_seq_length: int = 256
+    gradient_checkpointing: bool = False
+    save_total_limit: int = 2
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    vocab_size: int | None = None
+    largest_layer_params: int | None = None  # for ZeRO-3's estimate; default vocab * hidden
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str  # "error" or "warning"
+    code: str  # short id: "precision", "gpu-memory", ...
+    message: str  # the problem and its fix
+
+
+class PreflightError(ValueError):
+    """The hardware or environment cannot run the planned training; the message lists why."""
+
+
+# --- building facts and plans -------------------------------------------------------------------
+
+
+def gather_facts(gpus_requested: int, output_dir: str | os.PathLike, num_nodes: int = 1) -> HardwareFacts:
+    """The real facts of this node. Works without a GPU or driver (empty GPU list, None versions).
+
+    GPU facts come from torch: the GPUs the trainer will see, CUDA_VISIBLE_DEVICES applied.
+    Reading device properties initialises CUDA in this process but allocates nothing on a GPU;
+    the trainer runs in processes of its own (fork + exec), which inherit no CUDA state.
+    """
+    import torch
+
+    notes: list[str] = []
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append(GpuFacts(props.name, (props.major, props.minor), int(props.total_memory)))
+    nvml_count, driver_version, driver_cuda = _nvml_facts(notes)
+    return HardwareFacts(
+        gpus_requested=gpus_requested,
+        gpus=gpus,
+        num_nodes=num_nodes,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        nvml_gpu_count=nvml_count,
+        driver_version=driver_version,
+        driver_cuda=driver_cuda,
+        torch_version=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        torch_arch_list=torch.cuda.get_arch_list() if gpus else None,
+        nccl_version=_nccl_version(),
+        shm_bytes=_filesystem_bytes("/dev/shm", free=False),
+        disk_free_bytes=_filesystem_bytes(_existing_parent(Path(output_dir)), free=True),
+        host_memory_bytes=_host_memory_bytes(),
+        output_dir=str(output_dir),
+        notes=notes,
+    )
+
+
+def _nvml_facts(notes: list[str]) -> tuple[int | None, str | None, tuple[int, int] | None]:
+    """GPU count, driver version and driver CUDA version from NVML; Nones when NVML cannot tell."""
+    try:
+        import pynvml
+    except ImportError:
+        notes.append("the nvidia-ml-py package (module pynvml) is not installed")
+        return None, None, None
+    from gpu_profile.nvml_errors import no_gpu_reason
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as err:
+        notes.append(no_gpu_reason(pynvml, err))
+        return None, None, None
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion()  # CUDA 12.4 is 12040
+        return count, str(driver), (cuda // 1000, cuda % 1000 // 10)
+    except pynvml.NVMLError as err:
+        notes.append(f"NVML could not read the driver versions: {err}")
+        return None, None, None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _nccl_version() -> tuple[int, ...] | None:
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_nccl_available()):
+        return None
+    version = torch.cuda.nccl.version()  # (2, 21, 5) in current builds; an int in old ones
+    return tuple(version) if isinstance(version, tuple) else (version,)
+
+
+def _existing_parent(path: Path) -> Path:
+    """The output directory may not exist yet: its nearest existing ancestor has the same disk."""
+    path = path.expanduser().absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _filesystem_bytes(path: str | Path, *, free: bool) -> int | None:
+    try:
+        stat = os.statvfs(path)
+    except OSError:  # no /dev/shm (macOS), or not readable
+        return None
+    return (stat.f_bavail if free else stat.f_blocks) * stat.f_frsize
+
+
+def _host_memory_bytes() -> int | None:
+    """Physical RAM, or the container's cgroup limit when lower (Kubernetes' memory limit)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():  # "max" (v2) means no limit; v1 writes a huge number instead
+            total = min(total, int(limit))
+    return total
+
+
+def declared_facts(
+    *,
+    gpus: int,
+    gpu_name: str | None = None,
+    gpu_memory_gib: float | None = None,
+    compute_capability: tuple[int, int] | None = None,
+    shared_memory_mb: int | None = None,
+    memory_mb: int | None = None,
+    num_nodes: int = 1,
+) -> HardwareFacts:
+    """Facts as the config declares them, for ``check(..., where="start")``.
+
+    ``shared_memory_mb`` and ``memory_mb`` are the config's resources (MiB, Metaflow's unit).
+    Without ``shared_memory_mb`` the container keeps its 64 MiB /dev/shm (@kubernetes mounts one
+    only when it is set). GPU facts left out are not judged.
+    """
+    gpu_list: list[GpuFacts] | None = []
+    if gpus and (gpu_name or gpu_memory_gib or compute_capability):
+        memory = None if gpu_memory_gib is None else int(gpu_memory_gib * GIB)
+        gpu_list = [GpuFacts(gpu_name or "GPU", compute_capability, memory)] * gpus
+    elif gpus:
+        gpu_list = None
+    return HardwareFacts(
+        gpus_requested=gpus,
+        gpus=gpu_list,
+        num_nodes=num_nodes,
+        shm_bytes=CONTAINER_DEFAULT_SHM if shared_memory_mb is None else shared_memory_mb * MIB,
+        host_memory_bytes=None if memory_mb is None else memory_mb * MIB,
+    )
+
+
+def read_zero_settings(deepspeed_config: str) -> tuple[int, bool, bool]:
+    """(ZeRO stage, optimizer offloaded, parameters offloaded) of a DeepSpeed JSON config.
+
+    An empty path (no DeepSpeed) is stage 0. A bad file raises ValueError with
+    ``check_deepspeed_config``'s message.
+    """
+    import json
+
+    if not deepspeed_config:
+        return 0, False, False
+    if problems := check_deepspeed_config(deepspeed_config):
+        raise ValueError(problems[0])
+    zero = json.loads(resolve_repo_path(deepspeed_config).read_text()).get("zero_optimization", {})
+
+    def offloaded(key: str) -> bool:  # "cpu" or "nvme": off the GPU either way
+        return (zero.get(key) or {}).get("device", "none") != "none"
+
+    return int(zero.get("stage", 0)), offloaded("offload_optimizer"), offloaded("offload_param")
+
+
+def model_size_from_config(config: Any, *, trust_remote_code: bool = False) -> dict[str, int | None]:
+    """Parameter counts and shape of a transformers model config, without loading weights.
+
+    The model is built on the meta device (no memory, no download beyond the config):
+    ``plan_from_args(..., **model_size_from_config(AutoConfig.from_pretrained(name)))``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    text = config.get_text_config()
+    return {
+        "num_parameters": sum(p.numel() for p in model.parameters()),  # tied weights once
+        # As DeepSpeed's estimate_zero3_model_states_mem_needs_all_live counts "largest layer".
+        "largest_layer_params": max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
+        "hidden_size": getattr(text, "hidden_size", None),
+        "num_layers": getattr(text, "num_hidden_layers", None),
+        "vocab_size": getattr(text, "vocab_size", None),
+    }
+
+
+def plan_from_args(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: TrainArguments,
+    *,
+    num_parameters: int,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+    vocab_size: int | None = None,
+    largest_layer_params: int | None = None,
+) -> TrainingPlan:
+    """The plan of the trainer's parsed arguments (``training.arguments.parse_args``)."""
+    stage, offload_optimizer, offload_param = read_zero_settings(train_args.deepspeed)
+    return TrainingPlan(
+        num_parameters=num_parameters,
+        precision=train_args.precision,
+        zero_stage=stage,
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        deepspeed_config=train_args.deepspeed,
+        per_device_batch_size=train_args.per_device_train_batch_size,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        max_seq_length=data_args.max_seq_length,
+        gradient_checkpointing=model_args.gradient_checkpointing,
+        save_total_limit=train_args.save_total_limit,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        vocab_size=vocab_size,
+        largest_layer_params=largest_layer_params,
+    )
+
+
+# --- the memory estimate ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one GPU needs for a plan, and host RAM for what ZeRO offloads to the CPU."""
+
+    model_states: int  # weights, gradients, optimizer states on one GPU (DeepSpeed's estimators)
+    activations: int | None  # None: hidden size or layer count unknown
+    logits: int | None  # None: vocabulary size unknown
+    per_gpu: int  # the sum, plus fragmentation and the fixed overhead
+    cpu: int  # host RAM of the node for offloaded states (DeepSpeed's estimate)
+
+    def describe(self) -> str:
+        parts = [f"model states {_gib(self.model_states)}"]
+        parts.append("activations unknown" if self.activations is None else f"activations {_gib(self.activations)}")
+        if self.logits is not None:
+            parts.append(f"logits {_gib(self.logits)}")
+        parts.append(f"+{FRAGMENTATION - 1:.0%} and {_gib(FIXED_OVERHEAD)} overhead")
+        return f"{_gib(self.per_gpu)} per GPU ({', '.join(parts)})"
+
+
+def estimate_memory(plan: TrainingPlan, gpus_per_node: int, num_nodes: int = 1) -> MemoryEstimate:
+    """Per-GPU memory of ``plan`` on ``gpus_per_node`` x ``num_nodes`` GPUs (see the constants)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    params, gpus = plan.num_parameters, gpus_per_node * num_nodes
+    if plan.zero_stage == 3:
+        largest = plan.largest_layer_params or (plan.vocab_size or 0) * (plan.hidden_size or 0)
+        cpu, states, _ = estimate_zero3_model_states_mem_needs(
+            params, largest, gpus_per_node, num_nodes,
+            cpu_offload=plan.offload_optimizer, cpu_offload_params=plan.offload_param,
+            zero_init=True,  # the trainer builds TrainingArguments first: zero.Init loads shards
+        )
+        resident_weights = 0 if plan.offload_param else params / gpus
+    else:
+        # DeepSpeed's ZeRO-2 accounting: 2 bytes of 16-bit weights on every GPU + 18 bytes/param
+        # sharded (16-bit and fp32 gradients 2 + 4, fp32 weights 4, Adam moments 8).
+        cpu, states = estimate_zero2_model_states_mem_needs(
+            params, gpus_per_node, num_nodes, cpu_offload=plan.offload_optimizer
+        )
+        if plan.zero_stage == 1:  # ZeRO-1 keeps the whole 16-bit gradient on every GPU
+            states += 2 * params - 2 * params // gpus
+        elif plan.zero_stage == 0:  # nothing sharded
+            states = 2 * params + 18 * params
+        resident_weights = params
+    # The estimators assume 16-bit weights on the GPU; fp32 training keeps 4 bytes there.
+    fp32 = plan.precision == "fp32"
+    if fp32:
+        states += int(2 * resident_weights)
+    activations = logits = None
+    tokens = plan.per_device_batch_size * plan.max_seq_length
+    if plan.hidden_size and plan.num_layers:
+        layer = ACTIVATION_BYTES_PER_LAYER * tokens * plan.hidden_size
+        if plan.gradient_checkpointing:
+            activations = plan.num_layers * CHECKPOINTED_BYTES_PER_LAYER * tokens * plan.hidden_size + layer
+        else:
+            activations = plan.num_layers * layer
+        activations *= 2 if fp32 else 1
+    if plan.vocab_size:
+        logits = LOGIT_BYTES * tokens * plan.vocab_size
+    per_gpu = int((states + (activations or 0) + (logits or 0)) * FRAGMENTATION) + FIXED_OVERHEAD
+    return MemoryEstimate(int(states), activations, logits, per_gpu, int(cpu))
+
+
+# --- the rules ----------------------------------------------------------------------------------
+
+
+def check(facts: HardwareFacts, plan: TrainingPlan, *, where: str) -> list[Finding]:
+    """Every finding for ``plan`` on ``facts``; ``where`` is "start" (declared facts) or "train".
+
+    In ``start`` only the rules the config can decide run (precision, /dev/shm, memory fit);
+    on the node (``train``) all of them: GPU count, precision, CUDA driver, GPU architecture,
+    NCCL, /dev/shm, disk, memory fit.
+    """
+    if where not in WHERE:
+        raise ValueError(f"where must be one of {WHERE}, got {where!r}")
+    rules = (_precision, _shared_memory, _memory_fit)
+    if where == "train":
+        rules = (_gpu_count, _precision, _cuda_driver, _gpu_arch, _nccl, _shared_memory, _disk, _memory_fit)
+    return [finding for rule in rules for finding in rule(facts, plan, where)]
+
+
+def _error(code: str, message: str) -> Finding:
+    return Finding("error", code, message)
+
+
+def _warning(code: str, message: str) -> Finding:
+    return Finding("warning", code, message)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def _gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
+def _gpu_count(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+    visible, requested = len(facts.gpus or []), facts.gpus_requested
+    if visible < requested:
+        why = ""
+        if facts.torch_cuda is None:
+            why = (f" torch {facts.torch_version} is a CPU build: install a CUDA build of torch in "
+                   "the image (on Linux x86_64 the PyPI torch wheel is one).")
+        elif facts.nvml_gpu_count is None:
+            why = f" The NVIDIA driver does not answer ({'; '.join(facts.notes) or 'NVML failed'})."
+        elif facts.cuda_visible_devices is not None:
+            why = (f" The driver sees {facts.nvml_gpu_count}; CUDA_VISIBLE_DEVICES="
+                   f"{facts.cuda_visible_devices!r} hides the rest.")
+        return [_error("gpu-count", (
+            f"{_gpus(requested)} requested (resources.gpu) but {visible} visible to torch on this node."
+            f"{why} Run on a node with {requested} GPUs, or set resources.gpu to {visible} and raise "
+            "--gradient_accumulation_steps to keep the global batch."
+        ))]
+    if visible > requested:
+        return [_warning("gpu-count", (
+            f"{visible} GPUs visible but {requested} requested (resources.gpu): the trainer starts "
+            f"one process per visible GPU, so the global batch is {visible} x "
+            f"{plan.per_device_batch_size} x {plan.gradient_accumulation_steps}. Set "
+            f"CUDA_VISIBLE_DEVICES to {requested} GPUs or resources.gpu to {visible}."
+        ))]
+    return []
+
+
+def _precision(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+    cuda = facts.gpus_requested > 0 if where == "start" else bool(facts.gpus)
+    if where == "train" and facts.gpus_requested > 0 and not cuda:
+        return []  # no GPU where GPUs were asked for: the gpu-count error says why
+    gpus = [(i, g) for i, g in enumerate(facts.gpus or []) if g.compute_capability is not None]
+    if cuda and not gpus:
+        return []  # the GPU's compute capability is not known here: decided on the node
+    # The oldest GPU decides: every rank runs the same precision.
+    index, weakest = min(gpus, key=lambda ig: ig[1].compute_capability) if gpus else (None, None)
+    capability = weakest.compute_capability if weakest else None
+    try:
+        resolve_precision(plan.precision, cuda=cuda, compute_capability=capability)
+    except ValueError as err:
+        if weakest is None or plan.precision != "bf16":
+            return [_error("precision", str(err))]
+        which = "The preset's GPU" if where == "start" else f"GPU {index}"
+        return [_error("precision", (
+            f"{which} is a {weakest.name} (compute capability {capability[0]}.{capability[1]}). "
+            f"{err} The v100x8 preset (flows/configs/v100x8.json) trains in fp16 on such GPUs."
+        ))]
+    return []
+
+
+def _cuda_version(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    return int(major), int(minor.split(".")[0] or 0)
+
+
+def _cuda_driver(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+    # NVIDIA's CUDA compatibility guide: a driver runs programs built with its own CUDA version or
+    # older ones. Across major versions nothing newer runs: a CUDA 12 build of torch on a driver
+    # for CUDA 11 fails at the first CUDA call ("driver version is insufficient"): an error.
+    # Within one major version, "minor version compatibility" lets a 12.x build run on any driver
+    # for 12.0+ (>= 525.60.13 on Linux), but features of the newer minor version are missing:
+    # such calls fail with cudaErrorCallRequiresNewerDriver, and PTX newer than the driver cannot
+    # be JIT-compiled (so a GPU without prebuilt kernels in the wheel fails). That is a warning:
+    # most training runs, and the fix is known.
+    if not facts.gpus or facts.torch_cuda is None or facts.driver_cuda is None:
+        return []
+    built, driver = _cuda_version(facts.torch_cuda), facts.driver_cuda
+    the_driver = f"the driver {facts.driver_version}" if facts.driver_version else "the driver"
+    versions = (f"torch {facts.torch_version} is built with CUDA {built[0]}.{built[1]}; {the_driver} "
+                f"supports CUDA up to {driver[0]}.{driver[1]}")
+    if driver[0] < built[0]:
+        return [_error("cuda-driver", (
+            f"{versions}. The driver must support the CUDA version torch was built with, and CUDA "
+            f"{built[0]} programs do not run on a CUDA {driver[0]} driver. Upgrade the node's NVIDIA "
+            f"driver to one for CUDA {built[0]}.{built[1]}+, or use an image whose torch is built "
+            f"for CUDA {driver[0]}.x."
+        ))]
+    if driver[0] == built[0] and driver[1] < built[1]:
+        return [_warning("cuda-driver", (
+            f"{versions}. It runs under CUDA minor version compatibility, without the features "
+            f"of CUDA {built[0]}.{built[1]} (PTX JIT and newer APIs fail). Upgrade the driver to "
+            f"one for CUDA {built[0]}.{built[1]}+, or use torch built for CUDA {driver[0]}.{driver[1]} "
+            "or older."
+        ))]
+    return []
+
+
+def _runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether torch's compiled ``arch`` (sm_80, sm_90a, compute_90) runs on ``capability``."""
+    kind, _, number = arch.partition("_")
+    specific = number.endswith(("a", "f"))  # sm_90a: that exact GPU only
+    digits = number.rstrip("af")
+    if not digits.isdigit():
+        return False
+    built = (int(digits[:-1]), int(digits[-1]))
+    if kind == "compute":  # PTX: the driver JIT-compiles it for any newer GPU
+        return capability >= built
+    if specific:
+        return capability == built
+    return capability[0] == built[0] and capability[1] >= built[1]  # SASS: same major, newer minor
+
+
+def _gpu_arch(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+    if not facts.gpus or not facts.torch_arch_list:
+        return []
+    unsupported = [(i, g) for i, g in enumerate(facts.gpus) if g.compute_capability is not None
+                   and not any(_runs_on(arch, g.compute_capability) for arch in facts.torch_arch_list)]
+    if not unsupported:
+        return []
+    index, gpu = unsupported[0]  # the same fix for every GPU
+    major, minor = gpu.compute_capability
+    return [_error("gpu-arch", (
+        f"GPU {index} ({gpu.name}) has compute capability {major}.{minor}, and torch "
+        f"{facts.torch_version} has no kernels for it (built for "
+        f"{', '.join(facts.torch_arch_list)}). Install a torch build whose "
+        f"torch.cuda.get_arch_list() includes sm_{major}{minor} (PyTorch's wheels for an older "
+        "CUDA, e.g. its cu126 index, cover older GPUs)."
+    ))]
+
+
+def _nccl(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+    gpus = facts.gpus_requested * facts.num_nodes
+    if gpus > 1 and facts.gpus and facts.nccl_version is None:
+        return [_error("nccl", (
+            f"{gpus} GPUs train together through NCCL (DeepSpeed's collectives), and torch "
+            f"{facts.torch_version} has no NCCL (torch.distributed.is_nccl_available() is False). "
+            "Install a CUDA build of torch for Linux, which bundles NCCL, or run on 1 GPU."
+        ))]
+    return []
+
+
+def _shared_memory(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+    gpus = facts.gpus_requested if where == "start" else max(facts.gpus_requested, len(facts.gpus or []))
+    if gpus < 2 or facts.shm_bytes is None:
+        return []
+    needed = gpus * SHM_PER_GPU
+    if facts.shm_bytes >= needed:
+        return []
+    have = ("With the config's resources.shared_memory, /dev/shm will be" if where == "start"
+            else "/dev/shm on this node is")
+    return [_error("shared-memory", (
+        f"{have} {facts.shm_bytes // MIB} MiB; {gpus} GPUs on one node need at least "
+        f"{needed // MIB} MiB (NCCL's shared-memory transport and DataLoader workers use it; a "
+        f"container's default is 64 MiB). Set resources.shared_memory in the config to "
+        f"{needed // MIB} MiB or more (Metaflow's @kubernetes mounts it as /dev/shm; the a100x4 "
+        "preset uses 32768); with plain Docker, pass --shm-size or --ipc=host."
+    ))]
+
+
+def _weight_bytes(plan: TrainingPlan, cuda: bool) -> int:
+    """Bytes per parameter of the saved weights: 16-bit unless training runs in fp32."""
+    fp32 = plan.precision == "fp32" or (plan.precision == "auto" and not cuda)
+    return 4 if fp32 else 2
+
+
+def checkpoint_disk_bytes(plan: TrainingPlan, *, cuda: bool) -> tuple[int, int]:
+    """(one checkpoint, all the run keeps at its output directory at once), in bytes.
+
+    One checkpoint is the weights in the saving dtype plus 12 bytes/param of optimizer state.
+    ``save_total_limit`` checkpoints stay, plus the one being written before the oldest is
+    deleted (or still hard-linked in the S3 upload staging); then the final model.
+    """
+    weights = plan.num_parameters * _weight_bytes(plan, cuda)
+    one_checkpoint = weights + plan.num_parameters * OPTIMIZER_CHECKPOINT_BYTES
+    return one_checkpoint, (plan.save_total_limit + 1) * one_checkpoint + weights
+
+
+def _disk(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+    if facts.disk_free_bytes is None:
+        return []
+    one, needed = checkpoint_disk_bytes(plan, cuda=bool(facts.gpus))
+    if facts.disk_free_bytes >= needed:
+        return []
+    return [_error("disk", (
+        f"{_gib(facts.disk_free_bytes)} free at {facts.output_dir}, and the run needs "
+        f"{_gib(needed)}: {plan.save_total_limit} + 1 checkpoints of {_gib(one)} (weights + 12 "
+        "bytes/param of Adam state) and the final model. Give the node a bigger disk (or a volume "
+        f"at the output directory), or lower --save_total_limit (each one kept costs {_gib(one)})."
+    ))]
+
+
+def _memory_fit(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+    gpus = [(i, g) for i, g in enumerate(facts.gpus or []) if g.total_memory_bytes]
+    if not gpus or facts.gpus_requested < 1:
+        return []
+    per_node = facts.gpus_requested
+    index, smallest = min(gpus, key=lambda ig: ig[1].total_memory_bytes)
+    capacity = smallest.total_memory_bytes
+    which = (f"the preset's GPU ({smallest.name}, {_gib(capacity)})" if where == "start"
+             else f"GPU {index} ({smallest.name}) has {_gib(capacity)}")
+    estimate = estimate_memory(plan, per_node, facts.num_nodes)
+    findings = []
+    if estimate.per_gpu > capacity:
+        options = _memory_options(plan, per_node, facts.num_nodes, capacity)
+        findings.append(_error("gpu-memory", (
+            f"Training does not fit in GPU memory: estimated {estimate.describe()} with "
+            f"{_zero_words(plan)} on {_gpus(per_node * facts.num_nodes)}, batch "
+            f"{plan.per_device_batch_size} x {plan.max_seq_length} tokens; {which}. "
+            "Options, each on top of the ones before:\n" + "\n".join(options)
+        )))
+    offloaded = plan.offload_optimizer or plan.offload_param
+    if offloaded and facts.host_memory_bytes is not None and estimate.cpu > facts.host_memory_bytes:
+        findings.append(_error("cpu-memory", (
+            f"{_zero_words(plan)} needs ~{_gib(estimate.cpu)} of host RAM on each node for what it "
+            f"keeps there (DeepSpeed's estimate), and "
+            f"{'the config declares' if where == 'start' else 'this container has'} "
+            f"{_gib(facts.host_memory_bytes)}. Raise resources.memory (MiB) to "
+            f"{-(-estimate.cpu // MIB)} or more, or offload less if the GPUs have room "
+            "(ds_configs/zero3.json keeps everything on them)."
+        )))
+    return findings
+
+
+def _zero_words(plan: TrainingPlan) -> str:
+    """Like "ZeRO-3 (optimizer and parameters offloaded to CPU)" or "ZeRO-2"."""
+    parts = [name for name, on in (("optimizer", plan.offload_optimizer), ("parameters", plan.offload_param)) if on]
+    return f"ZeRO-{plan.zero_stage}" + (f" ({' and '.join(parts)} offloaded to CPU)" if parts else "")
+
+
+def _memory_options(plan: TrainingPlan, per_node: int, nodes: int, capacity: int) -> list[str]:
+    """The usual remedies in order of cost, each estimated on top of the ones before."""
+    steps: list[tuple[str, TrainingPlan]] = []
+    current = plan
+    if current.zero_stage < 3 and not current.offload_optimizer:
+        current = replace(current, zero_stage=3, deepspeed_config="ds_configs/zero3.json")
+        steps.append(("ZeRO-3, weights sharded too: --deepspeed ds_configs/zero3.json", current))
+    if not (current.zero_stage == 3 and current.offload_optimizer and current.offload_param):
+        current = replace(current, zero_stage=3, offload_optimizer=True, offload_param=True,
+                          deepspeed_config="ds_configs/zero3_offload.json")
+        cpu = estimate_memory(current, per_node, nodes).cpu
+        steps.append(("ZeRO-3 with optimizer and parameters offloaded to CPU: --deepspeed "
+                      f"ds_configs/zero3_offload.json (needs ~{_gib(cpu)} of host RAM per node, "
+                      "resources.memory)", current))
+    batch = current.per_device_batch_size
+    if batch > 1:
+        # The largest smaller batch that divides this one (so the global batch stays the same).
+        smaller = [b for b in range(batch - 1, 0, -1) if batch % b == 0]
+        fitting = [b for b in smaller if estimate_memory(replace(current, per_device_batch_size=b),
+                                                         per_node, nodes).per_gpu <= capacity]
+        new_batch = fitting[0] if fitting else 1
+        accumulation = current.gradient_accumulation_steps * batch // new_batch
+        current = replace(current, per_device_batch_size=new_batch, gradient_accumulation_steps=accumulation)
+        steps.append((f"--per_device_train_batch_size {new_batch} with --gradient_accumulation_steps "
+                      f"{accumulation} (the same global batch)", current))
+    if not current.gradient_checkpointing:
+        current = replace(current, gradient_checkpointing=True)
+        steps.append(("--gradient_checkpointing (activations recomputed: ~30% slower)", current))
+    lines = []
+    for number, (text, option) in enumerate(steps, 1):
+        need = estimate_memory(option, per_node, nodes).per_gpu
+        verdict = "fits" if need <= capacity else "still too much"
+        lines.append(f"  {number}. {text}: {_gib(need)} per GPU, {verdict}")
+    return lines
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def format_findings(findings: list[Finding]) -> str:
+    """One block per finding, errors first: ``error [code] message``."""
+    if not findings:
+        return "preflight: every check passed"
+    ordered = sorted(findings, key=lambda f: f.severity != "error")
+    errors = sum(f.severity == "error" for f in findings)
+    head = f"preflight: {errors} error(s), {len(findings) - errors} warning(s)"
+    return "\n".join([head] + [f"{f.severity} [{f.code}] {f.message}" for f in ordered])
+
+
+def require_ok(findings: list[Finding]) -> None:
+    """Raise PreflightError listing every finding when any is an error; else print warnings."""
+    if any(f.severity == "error" for f in findings):
+        raise PreflightError(format_findings(findings))
+    if findings:
+        print(format_findings(findings))
+
+
+def preflight_record(facts: HardwareFacts, plan: TrainingPlan, findings: list[Finding]) -> dict[str, Any]:
+    """A JSON-serialisable record of one preflight, for an artifact and a card."""
+    estimate = None
+    if facts.gpus_requested > 0:
+        estimate = asdict(estimate_memory(plan, facts.gpus_requested, facts.num_nodes))
+    return {
+        "ok": not any(f.severity == "error" for f in findings),
+        "facts": _plain(asdict(facts)),
+        "plan": asdict(plan),
+        "memory_estimate": estimate,
+        "checkpoint_disk_bytes": checkpoint_disk_bytes(plan, cuda=facts.gpus_requested > 0)[1],
+        "findings": [asdict(f) for f in findings],
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, so the record survives a JSON round trip unchanged."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def facts_from_json(data: dict[str, Any]) -> HardwareFacts:
+    """The inverse of ``asdict(gather_facts(...))`` after a JSON round trip."""
+    data = dict(data)
+    if data.get("gpus") is not None:
+        data["gpus"] = [GpuFacts(g["name"], tuple(g["compute_capability"]) if g["compute_capability"] else None,
+                                 g["total_memory_bytes"]) for g in data["gpus"]]
+    for key in ("driver_cuda", "nccl_version"):
+        if data.get(key) is not None:
+            data[key] = tuple(data[key])
+    return HardwareFacts(**data)
+
+
+def gather_facts_in_subprocess(gpus_requested: int, output_dir: str | os.PathLike, num_nodes: int = 1) -> HardwareFacts:
+    """``gather_facts`` in a short-lived process of this interpreter.
+
+    The step process then never initialises CUDA itself (no context on GPU 0 held for the whole
+    training), and the facts are those of the environment the trainer processes will get.
+    """
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "training.preflight", "--gpus", str(gpus_requested), "--output-dir", str(output_dir),
+         "--nodes", str(num_nodes)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    if result.returncode != 0:
+        raise PreflightError(f"preflight: could not read this node's facts:\n{result.stderr[-2000:]}")
+    return facts_from_json(json.loads(result.stdout))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m training.preflight --gpus 4 --output-dir /tmp/out``: this node's facts as JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs the run requests on this node.")
+    parser.add_argument("--output-dir", default=".", help="Where checkpoints will be written (free disk).")
+    parser.add_argument("--nodes", type=int, default=1, help="Nodes in the run.")
+    args = parser.parse_args(argv)
+    print(json.dumps(_plain(asdict(gather_facts(args.gpus, args.output_dir, args.nodes)))))
+
+
+if __name__ == "__main__":
+    main()
