@@ -12,6 +12,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -213,20 +214,24 @@ def card_components(html: str) -> list[dict]:
     return json.loads(base64.b64decode(encoded))["components"]
 
 
+def walk_components(node: Any):
+    """Every component dict in a card's component tree (pages, sections, tables...)."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk_components(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk_components(value)
+
+
 def component_types(components: list) -> Counter:
-    found: Counter = Counter()
+    return Counter(node.get("type") for node in walk_components(components))
 
-    def walk(node):
-        if isinstance(node, dict):
-            found[node.get("type")] += 1
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
 
-    walk(components)
-    return found
+def of_type(components: list, kind: str) -> list[dict]:
+    """Every component of ``kind`` ("table", "markdown", "image", ...) in a card."""
+    return [node for node in walk_components(components) if node.get("type") == kind]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, card_components, component_types, flow_env
+from tests.conftest import REPO, card_components, component_types, flow_env, of_type
 
 sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow imports them
 
@@ -24,24 +24,6 @@ def card_html(task, card_id: str) -> str:
     cards = get_cards(task, id=card_id)
     assert len(cards) == 1, f"expected one {card_id!r} card, found {len(cards)}"
     return cards[0].get()
-
-
-def of_type(components: list, kind: str) -> list[dict]:
-    """Every component of ``kind`` ("table", "markdown", ...) in a card's component tree."""
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("type") == kind:
-                found.append(node)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(components)
-    return found
 
 
 def tables(components: list) -> list[dict]:
