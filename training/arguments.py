@@ -91,6 +91,27 @@ class TrainArguments:
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-steps per optimizer step (global batch = devices x batch x this)."}
     )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "Batch rows of similar length (transformers' LengthGroupedSampler: random "
+            "mega-batches of 50 batches, each sorted by length) so little of each batch is padding. "
+            "Measured by benchmarks/padding_efficiency.py on rows with dolly-15k's length "
+            "profile at batch 8, max length 1024: real / computed tokens 0.94, against 0.40 with "
+            "random batches (2.4x fewer tokens computed per epoch). false: random batches, as "
+            "Dolly v2."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Padding-free batches: each batch is one row of its sequences back to back, "
+            "positions restarting per sequence (no padding at all). Needs attention that keeps "
+            "the sequences apart: sdpa or eager (a block-diagonal mask: attention cost grows with "
+            "the batch's total tokens squared) or flash_attention_2 (GPU); any other model stops "
+            "with an error before training."
+        },
+    )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW)."})
     warmup_steps: float = field(
         default=0.0, metadata={"help": "Linear warmup: a step count (>=1) or a fraction of all steps (<1)."}

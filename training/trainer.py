@@ -108,7 +108,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from training.base_model import load_model, load_tokenizer, resolve_base_model
-    from training.batching import PaddingCollator, tokenize_rows
+    from training.batching import LENGTH_COLUMN, PaddingCollator, packing_collator, tokenize_rows
     from training.dataset import default_cache_dir, load_instruction_data, sample_and_split
 
     # Progress bars are unreadable in a streamed task log; PrintProgress logs plain lines.
@@ -164,7 +164,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         # eval_on_start gives the loss before training; a plain evaluate() before train() is
         # refused by the DeepSpeed integration for ZeRO stages below 3.
         eval_on_start=True,
-        include_num_input_tokens_seen="non_padding",
+        # Packed batches have no padding (and no attention_mask to count by): count every id.
+        include_num_input_tokens_seen="all" if train_args.packing else "non_padding",
+        # Length-grouped batches read the lengths tokenize_rows stored instead of every row's ids.
+        train_sampling_strategy="group_by_length" if train_args.group_by_length else "random",
+        length_column_name=LENGTH_COLUMN,
         remove_unused_columns=False,
         report_to=["tensorboard"],
         disable_tqdm=True,
@@ -201,6 +205,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     model = load_model(model_path, tokenizer, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
     if model_args.gradient_checkpointing:
         model.config.use_cache = False
+    if train_args.packing:
+        try:
+            collator = packing_collator(model)  # refuses attention that would mix the sequences
+        except ValueError as err:
+            raise SystemExit(f"Cannot train: {err}") from None
+    else:
+        collator = PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else None)
+    order = "length-grouped" if train_args.group_by_length else "random"
+    layout = "packed into one row" if train_args.packing else "padded to the longest row"
+    _log(f"batches: {order} order, {layout}; {model.config._attn_implementation} attention")
     _log(f"model {model_args.base_model} ({model_path}): {sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f}M parameters, {precision}")
 
     preemption = PreemptionWatch(train_args.preemption_grace_s)
@@ -238,7 +252,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else None),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
