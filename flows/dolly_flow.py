@@ -355,7 +355,8 @@ class DollyFlow(FlowSpec):
                   f"{metrics['ended_share_final']:.0%} (tuned) of {len(self.evaluation[0]['answers'])} instructions.")
         print(f"Model: {self.model_location}")
         print("Cards: card view train --id training · card view train --id gpu_profile · card view end")
-        print("Answer instructions with it:\n" + load_instructions(self.model_location, pathspec))
+        how = load_instructions(self.model_location, pathspec)  # markdown for the card
+        print("Answer instructions with it:\n" + "\n".join(line for line in how.splitlines() if not line.startswith("```")))
 
 
 if __name__ == "__main__":
