@@ -66,7 +66,9 @@ def summary_components(*, pathspec: str, config: dict[str, Any], metrics: dict[s
         ["Perplexity", _change(metrics["perplexity_before"], metrics["perplexity_after"], ".2f")],
         ["Answers ending at ### End", _change(metrics.get("ended_share_base"), metrics.get("ended_share_final"), ".0%")],
         ["Mean answer tokens", _change(first.get("mean_new_tokens"), last.get("mean_new_tokens"), ".0f")],
-        ["Training throughput", f"{metrics['tokens_per_second']:,.0f} tokens/s ({metrics['tokens']:,} tokens)"],
+        ["Training throughput", f"{metrics['tokens_per_second']:,.0f} tokens/s in training steps, "
+                                f"{metrics.get('tokens_per_second_overall', 0):,.0f} overall with evaluation and "
+                                f"checkpoints ({metrics['tokens']:,} tokens)"],
         ["Time", f"{metrics['train_runtime_s']:.0f} s training, {metrics['total_runtime_s']:.0f} s in the trainer"],
     ]
     return [

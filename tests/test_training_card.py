@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,6 +99,12 @@ def test_artifacts_match_the_trainers_log(tiny_run):
     assert metrics["eval_loss_after"] == pytest.approx(printed_eval[-1][1], rel=1e-3)
     assert metrics["eval_loss_history"] == [list(p) for p in history["eval_loss"]]
     assert history["tokens_per_second"] and all(v > 0 for _, v in history["tokens_per_second"])
+    # The metric is the card's measure: tokens over the seconds inside optimizer steps.
+    events = [json.loads(line) for line in
+              (Path(train.model_location) / "logs" / "progress.jsonl").read_text().splitlines()]
+    step_seconds = sum(e["step_s"] for e in events if e["event"] == "step")
+    assert metrics["tokens_per_second"] == pytest.approx(metrics["tokens"] / step_seconds, rel=1e-6)
+    assert 0 < metrics["tokens_per_second_overall"] < metrics["tokens_per_second"]
     for point in train.evaluation:
         share = re.search(rf"\[trainer\] evaluation {point['label']}: (\d+)% of answers", log).group(1)
         assert round(point["ended_share"] * 100) == int(share)

@@ -58,6 +58,7 @@ def progress_callback(path: Path) -> Any:
         def __init__(self) -> None:
             self.writer: ProgressWriter | None = None
             self._step_started = 0.0
+            self.step_seconds = 0.0  # inside optimizer steps, this attempt (every rank)
 
         def on_train_begin(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:
@@ -74,10 +75,11 @@ def progress_callback(path: Path) -> Any:
         def on_step_end(self, args, state, control, **kwargs):
             # Only the step itself is timed: evaluation and generation happen between steps,
             # so tokens / step_s is the training throughput.
+            step_s = time.perf_counter() - self._step_started
+            self.step_seconds += step_s
             if self.writer is not None:
                 self.writer.write("step", step=state.global_step, epoch=state.epoch,
-                                  tokens=int(state.num_input_tokens_seen),
-                                  step_s=time.perf_counter() - self._step_started)
+                                  tokens=int(state.num_input_tokens_seen), step_s=step_s)
 
         def log(self, logs: dict[str, Any], restored: bool = False) -> None:
             extra = {"restored": True} if restored else {}

@@ -233,7 +233,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if train_args.s3_uri:
         store = S3CheckpointStore(f"{train_args.s3_uri.rstrip('/')}/checkpoints")
         store.names()  # reachable and readable, before any training: CheckpointStoreError otherwise
-        if args.local_process_index == 0:
+        # World rank 0 only: on several nodes each would upload its own folder under the same
+        # checkpoint name, and the manifests would overwrite each other (see README, multi-node).
+        if args.process_index == 0:
             uploader = BackgroundUploader(store, keep=train_args.save_total_limit, staging_root=output_dir / STAGING)
             callbacks.append(upload_callback(uploader))
     resume_path = None
@@ -309,7 +311,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "train_samples": round(len(train_set) * (state.epoch or 0.0)),  # sequences trained on
         "tokens": tokens,
         "evaluation_generation_s": generation_s,
-        "tokens_per_second": tokens / (runtime - generation_s) if runtime > generation_s else 0.0,
+        # Training throughput: tokens over the seconds spent inside optimizer steps (forward,
+        # backward, update), as the card plots it. "overall" also pays for evaluation,
+        # checkpoints and data loading (not for the answer generation).
+        "tokens_per_second": tokens / stream.step_seconds if stream.step_seconds > 0 else 0.0,
+        "tokens_per_second_overall": tokens / (runtime - generation_s) if runtime > generation_s else 0.0,
         "global_step": int(state.global_step),
         "epochs": float(state.epoch or 0.0),
         "total_runtime_s": time.time() - started,
