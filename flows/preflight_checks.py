@@ -67,8 +67,15 @@ def _run(facts: HardwareFacts, plan: TrainingPlan, notes: list[Finding], where: 
 
 
 def start_preflight(settings: Any, model_args: Any, data_args: Any, train_args: Any,
-                    model_path: str) -> tuple[list[Finding], dict]:
-    """What `start` can judge from the config alone."""
+                    model_path: str) -> tuple[list[Finding], dict | None]:
+    """What `start` can judge from the config alone; ([], None) when the DeepSpeed config
+    itself is unreadable (start already reports that problem in its own words)."""
+    from training.preflight import read_zero_settings
+
+    try:
+        read_zero_settings(train_args.deepspeed)
+    except ValueError:
+        return [], None
     plan, notes = training_plan(model_args, data_args, train_args, model_path)
     return _run(declared(settings), plan, notes, "start")
 

@@ -39,7 +39,7 @@ def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
     (card,) = get_cards(run["train"].task, id="training")
     components = card_components(card.get())
     types = component_types(components)
-    assert types["image"] == 2 and types["table"] == 1, types
+    assert types["image"] == 2 and types["table"] == 2, types  # the evaluation and the preflight
     evaluation = run["train"].task.data.evaluation
     assert evaluation[0]["label"] == "base" and len(evaluation) >= 2
     location = Path(run.data.model_location)

@@ -76,7 +76,7 @@ def test_training_card_shows_curves_and_the_evaluation_table(tiny_run):
     components = card_components(card_html(train, "training"))
     types = component_types(components)
     assert types["image"] == 2, types  # loss/learning rate, gradient norm/throughput
-    (table,) = tables(components)
+    (table,) = [t for t in tables(components) if t["columns"][0] == "Model"]  # the other: preflight
     evaluation = train.data.evaluation
     assert len(table["data"]) == len(evaluation) == 2  # base, then the end of training (step 4)
     assert [row[0] for row in table["data"]] == [p["label"] for p in evaluation] and table["data"][0][0] == "base"
