@@ -27,7 +27,7 @@ from trainer_launch import Nodes
 from gpu_profile import gpu_profile
 
 # Artifacts that differ from node to node: kept per node (node_profiles), not merged.
-PER_NODE = ("gpu_profile_data", "gpu_profile_num_gpus", "node_index")
+PER_NODE = ("gpu_profile_data", "gpu_profile_num_gpus", "node_index", "preflight")
 
 
 class DollyMultiNodeFlow(DollyFlow):
@@ -68,8 +68,9 @@ class DollyMultiNodeFlow(DollyFlow):
     @kubernetes_settings
     @step
     def gather(self, inputs):
-        """Keep node 0's model and metrics and every node's GPU profile."""
+        """Keep node 0's model and metrics and every node's GPU profile and preflight."""
         self.node_profiles = {i.node_index: i.gpu_profile_data for i in inputs}
+        self.node_preflights = {i.node_index: i.preflight for i in inputs}
         self.merge_artifacts(inputs, exclude=list(PER_NODE))
         self.next(self.end)
 

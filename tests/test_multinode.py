@@ -39,6 +39,8 @@ def test_two_nodes_train_one_model_published_by_node_0(two_node_run, flow_home):
     tasks = list(run["train"])
     assert len(tasks) == 2
     assert sorted(run["gather"].task.data.node_profiles) == [0, 1]
+    preflights = run["gather"].task.data.node_preflights
+    assert sorted(preflights) == [0, 1] and all(p["ok"] for p in preflights.values())
     assert [p["label"] for p in run["end"].task.data.evaluation] == ["base", "epoch 0.67"]  # 4 of 6 steps
 
     from metaflow.cards import get_cards
