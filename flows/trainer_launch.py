@@ -75,6 +75,7 @@ def trainer_arguments(
         "sample_fraction",
         "seed",
         "cache_dir",
+        "eval_max_new_tokens",
     ):
         if name in training:
             values[name] = training[name]

@@ -141,6 +141,7 @@ def tiny_config(tiny_model_dir, small_dataset_dir, flow_home) -> Path:
     config["training"].update(
         max_steps=4, batch_size=4, eval_batch_size=4, learning_rate=1e-3, logging_steps=1,
         sample_fraction=1.0, max_seq_length=1024, cache_dir=str(flow_home / "cache"),
+        eval_max_new_tokens=8,  # a random model never stops: 8 tokens say as much as 64
     )
     path = flow_home / "tiny.json"
     path.write_text(json.dumps(config))
