@@ -1,0 +1,67 @@
+"""The benchmark scripts import, and their cheap paths run (no timings are asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, python_env
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["trainer_vs_bare_loop", "startup_and_flow_overhead", "gpu_mfu",
+                                  "gpu_profile_overhead", "checkpoint_upload"])
+def test_benchmark_imports(name):
+    assert callable(load(name).main)
+
+
+def test_gpu_mfu_peak_table_and_matmul_parameters():
+    gpu_mfu = load("gpu_mfu")
+    assert gpu_mfu.peak_tflops("NVIDIA H200") == 989.0
+    assert gpu_mfu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_mfu.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_mfu.peak_tflops("NVIDIA A10G") == 70.0
+    assert gpu_mfu.peak_tflops("Tesla V100-SXM2-16GB") == 125.0
+    assert gpu_mfu.peak_tflops("Some GPU") is None
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1)
+    tied = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **shape))
+    untied = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **shape))
+    assert gpu_mfu.matmul_parameters(tied) == sum(p.numel() for p in tied.parameters())
+    assert gpu_mfu.matmul_parameters(untied) == sum(p.numel() for p in untied.parameters()) - 100 * 16
+
+
+def test_gpu_mfu_without_a_gpu_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the no-GPU path does not run")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_mfu.py")], env=python_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "no CUDA GPU" in result.stderr and "Nothing was measured" in result.stderr
+
+
+def test_trainer_vs_bare_loop_quick_prints_its_table(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "trainer_vs_bare_loop.py"), "--quick", "--tiny-steps", "10",
+         "--cache-dir", str(tmp_path)],
+        env=python_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HF Trainer" in result.stdout and "bare loop" in result.stdout
+    assert "same batches in every path: True" in result.stdout
