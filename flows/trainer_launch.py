@@ -161,6 +161,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-built ops go: one folder per Python environment.
+
+    torch's default (~/.cache/torch_extensions/py311_cpu) is shared by every venv of the same
+    Python; two venvs with different torch builds then rebuild the ops in turn at every start
+    (measured: DeepSpeed's CPU comm op, 89 s under load instead of 0.37 s from the cache).
+    """
+    key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "torch_extensions" / f"{Path(sys.prefix).name}-{key}"
+
+
 def run_streaming(command: list[str], tail_lines: int = 40, env: dict[str, str] | None = None) -> None:
     """Run, copying output to our stdout line by line; raise TrainerFailed with the tail on error.
 
@@ -170,6 +181,7 @@ def run_streaming(command: list[str], tail_lines: int = 40, env: dict[str, str] 
     env = dict(env if env is not None else os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     print("Launching: " + " ".join(command), flush=True)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     received: list[int] = []
