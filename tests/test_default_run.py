@@ -8,6 +8,8 @@ curves and the evaluation table; the saved model answers held-out instructions a
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -22,14 +24,17 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.slow
+ARTIFACTS = REPO / "test-artifacts"
 
 
 def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
     env = python_env(METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path))
     # Runner runs `python flows/dolly_flow.py run` with no arguments, in its own process.
+    started = time.perf_counter()
     with metaflow_runner(str(REPO / "flows" / "dolly_flow.py"), show_output=False, env=env, cwd=str(tmp_path)).run() as running:
         assert running.status == "successful", running.stdout[-5000:] + running.stderr[-5000:]
         run = running.run
+    wall_s = time.perf_counter() - started
     metrics = run.data.training_metrics
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"], metrics
     assert metrics["ended_share_final"] > metrics["ended_share_base"], metrics
@@ -42,6 +47,13 @@ def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
     assert types["image"] == 2 and types["table"] == 2, types  # the evaluation and the preflight
     evaluation = run["train"].task.data.evaluation
     assert evaluation[0]["label"] == "base" and len(evaluation) >= 2
+    # The README's figures for the main job come from here (and from any rerun of it).
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "default_run.json").write_text(json.dumps({
+        "wall_s": wall_s,
+        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
+        "evaluation": [{k: p[k] for k in ("label", "ended_share", "mean_new_tokens", "seconds")} for p in evaluation],
+    }, indent=1))
     location = Path(run.data.model_location)
     assert location.is_relative_to(tmp_path / "models")
 
