@@ -1,6 +1,6 @@
 """The main job exactly as the README runs it: `python flows/dolly_flow.py run`, no arguments.
 
-Fine-tunes the bundled SmolLM2-135M-Instruct on the bundled sample (~5 minutes on 2 cores), then
+Fine-tunes the bundled SmolLM2-135M-Instruct on the bundled sample (~7 minutes on 2 cores), then
 checks what the issues promise: eval loss falls; more of the tuned model's answers to the shipped
 evaluation instructions end at `### End` than the base model's; the `training` card shows the
 curves and the evaluation table; the saved model answers held-out instructions and stops.
