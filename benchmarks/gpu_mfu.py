@@ -110,7 +110,7 @@ def measure(name: str, *, batch: int, seq: int, warmup: int, steps: int, precisi
     total = warmup + steps
     # TrainingArguments first: it sets up the DeepSpeed world the model is then handed to.
     args = training_arguments(output_dir, batch=batch, max_steps=total, deepspeed=deepspeed or None,
-                              use_cpu=False, bf16=precision == "bf16", fp16=precision == "fp16")
+                              precision=precision, cuda=True)
     config = LlamaConfig(max_position_embeddings=max(seq, 2048), **MODELS[name])
     torch.manual_seed(0)
     built = time.perf_counter()

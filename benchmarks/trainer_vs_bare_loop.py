@@ -122,47 +122,19 @@ def fixed_order(train_set: Any, batch: int, steps: int, grouped: bool, seed: int
     return order[: batch * steps]
 
 
-def training_arguments(output_dir: Path, *, batch: int, max_steps: int, deepspeed: str | None, **overrides: Any) -> Any:
-    """The TrainingArguments of training/trainer.py for a CPU run, with evaluation and saving off.
+def training_arguments(output_dir: Path, *, batch: int, max_steps: int, deepspeed: str | None,
+                       precision: str = "fp32", cuda: bool = False, **overrides: Any) -> Any:
+    """training/trainer.py's own TrainingArguments (``hf_training_arguments``) with the trainer's
+    default arguments, for ``batch`` sequences a step and ``max_steps`` steps, without evaluation
+    and checkpoints (not training steps); ``overrides`` are the ablations."""
+    from training.arguments import ModelArguments, TrainArguments
+    from training.trainer import hf_training_arguments
 
-    Keep in step with train() there; ``overrides`` are the ablations.
-    """
-    from transformers import TrainingArguments
-
-    from training.batching import LENGTH_COLUMN
-
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "logs")
-    values = dict(
-        output_dir=str(output_dir / "checkpoints"),
-        num_train_epochs=1.0,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch,
-        per_device_eval_batch_size=batch,
-        gradient_accumulation_steps=1,
-        learning_rate=5e-5,
-        warmup_steps=0,
-        weight_decay=0.0,
-        seed=42,
-        logging_steps=5,
-        save_total_limit=2,
-        deepspeed=deepspeed,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        activation_checkpointing=False,
-        eval_on_start=False,  # the trainer evaluates before training; not a training step
-        include_num_input_tokens_seen="non_padding",
-        # The default --group_by_length; every path here is given the same drawn order instead.
-        train_sampling_strategy="group_by_length",
-        length_column_name=LENGTH_COLUMN,
-        remove_unused_columns=False,
-        report_to=["tensorboard"],
-        disable_tqdm=True,
-        eval_strategy="no",
-        save_strategy="no",
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "logs")  # each run its own
+    train_args = TrainArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch,
+                                per_device_eval_batch_size=batch, deepspeed=deepspeed or "")
+    return hf_training_arguments(ModelArguments(), train_args, precision=precision, cuda=cuda,
+                                 **{"eval_on_start": False, "eval_strategy": "no", "save_strategy": "no", **overrides})
 
 
 def summarize(path: str, step_s: list[float], tokens: list[int], warmup: int, phases: dict[str, float],

@@ -91,6 +91,58 @@ def _hardware() -> tuple[bool, tuple[int, int] | None]:
     return True, torch.cuda.get_device_capability(0)
 
 
+def hf_training_arguments(model_args: ModelArguments, train_args: TrainArguments, *, precision: str,
+                          cuda: bool, **overrides: Any) -> Any:
+    """The transformers ``TrainingArguments`` that ``train()`` runs with, from our arguments.
+
+    Shared with the benchmarks (``benchmarks/trainer_vs_bare_loop.py``, ``benchmarks/gpu_mfu.py``),
+    so that they measure this trainer's settings; ``overrides`` replace single values there.
+    """
+    from transformers import TrainingArguments
+
+    from training.batching import LENGTH_COLUMN
+
+    output_dir = Path(train_args.output_dir)
+    values: dict[str, Any] = dict(
+        output_dir=str(output_dir / "checkpoints"),
+        num_train_epochs=train_args.epochs,
+        max_steps=train_args.max_steps,
+        per_device_train_batch_size=train_args.per_device_train_batch_size,
+        per_device_eval_batch_size=train_args.per_device_eval_batch_size,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        learning_rate=train_args.learning_rate,
+        warmup_steps=train_args.warmup_steps,
+        weight_decay=train_args.weight_decay,
+        seed=train_args.seed,
+        logging_steps=train_args.logging_steps,
+        save_total_limit=train_args.save_total_limit,
+        deepspeed=str(resolve_repo_path(train_args.deepspeed)) if train_args.deepspeed else None,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
+        activation_checkpointing=model_args.gradient_checkpointing,
+        # eval_on_start gives the loss before training; a plain evaluate() before train() is
+        # refused by the DeepSpeed integration for ZeRO stages below 3.
+        eval_on_start=True,
+        eval_strategy="steps" if train_args.eval_steps else "epoch",
+        eval_steps=train_args.eval_steps or None,
+        save_strategy="steps" if train_args.save_steps else "epoch",
+        save_steps=train_args.save_steps or 500,  # transformers' default; unused by "epoch"
+        # Packed batches have no padding (and no attention_mask to count by): count every id.
+        include_num_input_tokens_seen="all" if train_args.packing else "non_padding",
+        # Length-grouped batches read the lengths tokenize_rows stored instead of every row's ids.
+        train_sampling_strategy="group_by_length" if train_args.group_by_length else "random",
+        length_column_name=LENGTH_COLUMN,
+        remove_unused_columns=False,
+        report_to=["tensorboard"],
+        disable_tqdm=True,
+        local_rank=train_args.local_rank,
+    )
+    values.update(overrides)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs"))
+    return TrainingArguments(**values)
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> dict[str, Any]:
     """Fine-tune and save; returns the metrics also written to ``output_dir/metrics.json``."""
     problems = find_problems(model_args, data_args, train_args)
@@ -105,10 +157,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     import datasets
     import torch
     import transformers
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, set_seed
 
     from training.base_model import load_model, load_tokenizer, resolve_base_model
-    from training.batching import LENGTH_COLUMN, PaddingCollator, packing_collator, tokenize_rows
+    from training.batching import PaddingCollator, packing_collator, tokenize_rows
     from training.dataset import default_cache_dir, load_instruction_data, sample_and_split
 
     # Progress bars are unreadable in a streamed task log; PrintProgress logs plain lines.
@@ -131,50 +183,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         f"{data.skipped_rows} bad rows skipped, fingerprint {data.fingerprint[:12]}"
     )
 
-    steps_kwargs: dict[str, Any] = {}
-    if train_args.eval_steps:
-        steps_kwargs.update(eval_strategy="steps", eval_steps=train_args.eval_steps)
-    else:
-        steps_kwargs.update(eval_strategy="epoch")
-    if train_args.save_steps:
-        steps_kwargs.update(save_strategy="steps", save_steps=train_args.save_steps)
-    else:
-        steps_kwargs.update(save_strategy="epoch")
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs"))
     # TrainingArguments comes before the model: with ZeRO-3 it switches on deepspeed.zero.Init so
     # from_pretrained loads each rank's shard instead of a full copy per rank.
-    args = TrainingArguments(
-        output_dir=str(output_dir / "checkpoints"),
-        num_train_epochs=train_args.epochs,
-        max_steps=train_args.max_steps,
-        per_device_train_batch_size=train_args.per_device_train_batch_size,
-        per_device_eval_batch_size=train_args.per_device_eval_batch_size,
-        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        learning_rate=train_args.learning_rate,
-        warmup_steps=train_args.warmup_steps,
-        weight_decay=train_args.weight_decay,
-        seed=train_args.seed,
-        logging_steps=train_args.logging_steps,
-        save_total_limit=train_args.save_total_limit,
-        deepspeed=str(resolve_repo_path(train_args.deepspeed)) if train_args.deepspeed else None,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not cuda,
-        activation_checkpointing=model_args.gradient_checkpointing,
-        # eval_on_start gives the loss before training; a plain evaluate() before train() is
-        # refused by the DeepSpeed integration for ZeRO stages below 3.
-        eval_on_start=True,
-        # Packed batches have no padding (and no attention_mask to count by): count every id.
-        include_num_input_tokens_seen="all" if train_args.packing else "non_padding",
-        # Length-grouped batches read the lengths tokenize_rows stored instead of every row's ids.
-        train_sampling_strategy="group_by_length" if train_args.group_by_length else "random",
-        length_column_name=LENGTH_COLUMN,
-        remove_unused_columns=False,
-        report_to=["tensorboard"],
-        disable_tqdm=True,
-        local_rank=train_args.local_rank,
-        **steps_kwargs,
-    )
+    args = hf_training_arguments(model_args, train_args, precision=precision, cuda=cuda)
 
     if args.deepspeed and args.world_size > 1 and not cuda:
         # On CPU ranks accelerate sets up torch.distributed (gloo) but not DeepSpeed's own comm

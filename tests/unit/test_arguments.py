@@ -123,3 +123,27 @@ def test_flow_presets_name_existing_ds_configs_and_precisions():
             assert key in config["resources"], (preset.name, key)
         if config["resources"]["gpu"] > 1:  # NCCL needs a real /dev/shm
             assert config["resources"]["shared_memory"], preset.name
+
+
+def test_trainer_cli_maps_onto_transformers_training_arguments(tmp_path, monkeypatch):
+    """The one place our CLI becomes TrainingArguments (the trainer and the benchmarks use it)."""
+    from training.trainer import hf_training_arguments
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    model_args, _, train_args = parse_args(["--output_dir", str(tmp_path), "--max_steps", "7",
+                                            "--gradient_accumulation_steps", "3", "--deepspeed", "ds_configs/zero2.json"])
+    args = hf_training_arguments(model_args, train_args, precision="fp32", cuda=False)
+    assert args.output_dir == str(tmp_path / "checkpoints")
+    assert (args.max_steps, args.gradient_accumulation_steps) == (7, 3)
+    assert Path(args.deepspeed).resolve() == REPO / "ds_configs" / "zero2.json"
+    assert (args.eval_strategy, args.save_strategy, args.eval_on_start) == ("epoch", "epoch", True)
+    assert args.train_sampling_strategy == "group_by_length" and args.length_column_name == "length"
+    assert args.include_num_input_tokens_seen == "non_padding" and args.use_cpu and not args.bf16
+
+    model_args, _, train_args = parse_args(["--output_dir", str(tmp_path), "--eval_steps", "10", "--save_steps",
+                                            "20", "--packing", "--group_by_length", "false"])
+    args = hf_training_arguments(model_args, train_args, precision="fp32", cuda=False, logging_steps=1)
+    assert (args.eval_strategy, args.eval_steps, args.save_strategy, args.save_steps) == ("steps", 10, "steps", 20)
+    assert args.include_num_input_tokens_seen == "all"  # packed rows have no padding to leave out
+    assert args.train_sampling_strategy == "random"
+    assert args.logging_steps == 1  # overrides win
