@@ -44,7 +44,14 @@ from metaflow.exception import MetaflowException
 from model_store import LocalModelStore, resolve_resume_from, run_s3_root, s3_endpoint_env
 from preflight_checks import node_preflight, start_preflight
 from run_summary import load_instructions, summary_components
-from trainer_launch import Nodes, launch_command, run_streaming, trainer_arguments, visible_gpus
+from trainer_launch import (
+    Nodes,
+    launch_command,
+    run_streaming,
+    trainer_arguments,
+    training_section_problems,
+    visible_gpus,
+)
 from training_card import LiveTrainingCard
 
 from gpu_profile import gpu_profile
@@ -199,7 +206,8 @@ class DollyFlow(FlowSpec):
         ) + ["--eval_instructions", self.eval_instructions]
         # The trainer's own parser and checks: start fails with the message the trainer would print.
         model_args, data_args, train_args = parse_args(self.trainer_argv)
-        problems = find_problems(model_args, data_args, train_args)
+        problems = training_section_problems(dict(self.settings.training))
+        problems += find_problems(model_args, data_args, train_args)
         # Where checkpoints and the model go: the parameter, else this run's S3 prefix, else "".
         self.checkpoint_root = (self.checkpoint_uri or run_s3_root(current.flow_name, current.run_id)).rstrip("/")
         if self.checkpoint_root and not self.checkpoint_root.startswith("s3://"):

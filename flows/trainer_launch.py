@@ -61,31 +61,56 @@ def trainer_arguments(
         "per_device_train_batch_size": batch_size,
         "per_device_eval_batch_size": training.get("eval_batch_size", batch_size),
     }
-    for name in (
-        "gradient_accumulation_steps",
-        "warmup_steps",
-        "weight_decay",
-        "max_seq_length",
-        "precision",
-        "logging_steps",
-        "eval_steps",
-        "save_steps",
-        "save_total_limit",
-        "test_size",
-        "sample_fraction",
-        "seed",
-        "cache_dir",
-        "eval_max_new_tokens",
-    ):
+    for name in PASSED_THROUGH:
         if name in training:
             values[name] = training[name]
+    for name in SWITCHES:  # explicit true/false: group_by_length is on by default
+        if name in training:
+            values[name] = "true" if training[name] else "false"
     argv = []
     for name, value in values.items():
         argv += [f"--{name}", str(value)]
-    for flag in ("gradient_checkpointing", "trust_remote_code", "skip_bad_rows"):
-        if training.get(flag):
-            argv.append(f"--{flag}")
     return argv
+
+
+# The config's "training" keys that become trainer flags of the same name, as values...
+PASSED_THROUGH = (
+    "gradient_accumulation_steps",
+    "warmup_steps",
+    "weight_decay",
+    "max_seq_length",
+    "precision",
+    "attn_implementation",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "test_size",
+    "sample_fraction",
+    "seed",
+    "cache_dir",
+    "eval_max_new_tokens",
+)
+# ...as JSON true/false switches...
+SWITCHES = ("gradient_checkpointing", "trust_remote_code", "skip_bad_rows", "group_by_length", "packing")
+# ...and the ones the flow reads itself (parameter defaults; the eval batch falls back to batch_size).
+FLOW_KEYS = ("batch_size", "eval_batch_size", "epochs", "max_steps", "learning_rate")
+
+
+def training_section_problems(training: dict[str, Any]) -> list[str]:
+    """Keys of the config's "training" section that would otherwise be silently ignored."""
+    import difflib
+
+    known = (*FLOW_KEYS, *PASSED_THROUGH, *SWITCHES)
+    problems = []
+    for key in sorted(set(training) - set(known)):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        problems.append(f"config training: unknown key {key!r}.{hint} Known keys: {', '.join(sorted(known))}.")
+    for key in SWITCHES:
+        if key in training and not isinstance(training[key], bool):
+            problems.append(f"config training.{key}: must be true or false, got {training[key]!r}.")
+    return problems
 
 
 def visible_gpus() -> int:

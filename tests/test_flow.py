@@ -110,6 +110,23 @@ def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, kind, expect
     assert "/start/" in output and "/train/" not in output  # stopped before any training task
 
 
+def test_unknown_config_keys_stop_in_start(tiny_config, flow_home, tmp_path):
+    """A typo in the config's training section is an error, not a silently ignored setting."""
+    config = json.loads(tiny_config.read_text())
+    config["training"]["gradient_checkpoint"] = True
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(config))
+    result = subprocess.run(
+        [sys.executable, str(FLOW), "--config", "config", str(path), "run"],
+        cwd=flow_home, env=flow_env(flow_home), capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "DollyFlow cannot start" in output, output[-3000:]
+    assert "unknown key 'gradient_checkpoint'. Did you mean 'gradient_checkpointing'?" in output
+    assert "/train/" not in output
+
+
 def test_trainer_failure_fails_the_train_step_with_the_trainers_error(tiny_config, flow_home, tmp_path, monkeypatch):
     # Passes every start check, but every row is longer than 24 tokens: the trainer stops.
     config = json.loads(tiny_config.read_text())

@@ -17,6 +17,8 @@ from training.base_model import BUNDLED_MODEL, check_base_model
 from training.dataset import BUNDLED_DATASET
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# auto: transformers' choice for the model (sdpa, PyTorch's fused attention, for Llama-like models).
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 ZERO_STAGES = (0, 1, 2, 3)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +39,14 @@ class ModelArguments:
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations in the backward pass: less memory, ~30% slower."},
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention kernel: auto (transformers' choice, sdpa for Llama-like models), sdpa, "
+            "eager, or flash_attention_2 (needs the flash-attn package, a GPU with compute "
+            "capability 8.0+ and bf16/fp16; with --packing it skips the padding entirely)."
+        },
     )
 
 
@@ -218,6 +228,46 @@ def resolve_precision(requested: str, *, cuda: bool, compute_capability: tuple[i
     return requested
 
 
+def check_attention(attn_implementation: str, *, cuda: bool, compute_capability: tuple[int, int] | None,
+                    precision: str, flash_attn_version: str | None) -> list[str]:
+    """Problems running ``attn_implementation`` here; ``precision`` is the resolved one (bf16...).
+
+    flash-attn 2 runs on Ampere and newer GPUs (compute capability 8.0+) in bf16 or fp16 only.
+    """
+    if attn_implementation != "flash_attention_2":
+        return []
+    fallback = "or use --attn_implementation sdpa (the default kernel, any GPU or CPU)."
+    if not cuda:
+        return [f"--attn_implementation flash_attention_2 needs a CUDA GPU and this node has none; {fallback}"]
+    problems = []
+    if flash_attn_version is None:
+        problems.append(
+            "--attn_implementation flash_attention_2 needs the flash-attn package: build the GPU image "
+            f"with --build-arg FLASH_ATTN=1 (environments/Dockerfile.gpu), {fallback}"
+        )
+    if compute_capability is not None and compute_capability < (8, 0):
+        problems.append(
+            "--attn_implementation flash_attention_2 needs compute capability 8.0+ (Ampere or newer); "
+            f"this GPU has {compute_capability[0]}.{compute_capability[1]}: {fallback}"
+        )
+    if precision not in ("bf16", "fp16"):
+        problems.append(
+            f"--attn_implementation flash_attention_2 runs in bf16 or fp16, not {precision}: "
+            f"set --precision auto (bf16 on Ampere+), {fallback}"
+        )
+    return problems
+
+
+def flash_attn_version() -> str | None:
+    """The installed flash-attn version, None without it (read from metadata: no CUDA import)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("flash-attn")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def find_problems(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> list[str]:
     """Every problem visible without loading the model or the data; empty when all is well."""
     problems = []
@@ -227,6 +277,11 @@ def find_problems(model_args: ModelArguments, data_args: DataArguments, train_ar
         problems += check_deepspeed_config(train_args.deepspeed)
     if train_args.precision not in PRECISIONS:
         problems.append(f"--precision: {train_args.precision!r} is not one of {', '.join(PRECISIONS)}.")
+    if model_args.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        problems.append(
+            f"--attn_implementation: {model_args.attn_implementation!r} is not one of "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
+        )
     positive = {
         "per_device_train_batch_size": train_args.per_device_train_batch_size,
         "per_device_eval_batch_size": train_args.per_device_eval_batch_size,

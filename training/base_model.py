@@ -147,7 +147,8 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(model_path: str, tokenizer: Any, *, dtype: Any, trust_remote_code: bool = False) -> Any:
+def load_model(model_path: str, tokenizer: Any, *, dtype: Any, trust_remote_code: bool = False,
+               attn_implementation: str = "auto") -> Any:
     """The causal LM with embeddings resized for the tokenizer's new tokens.
 
     Each new token starts at the mean embedding of the pieces its text used to split into: with
@@ -158,7 +159,8 @@ def load_model(model_path: str, tokenizer: Any, *, dtype: Any, trust_remote_code
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, trust_remote_code=trust_remote_code
+        model_path, dtype=dtype, trust_remote_code=trust_remote_code,
+        attn_implementation=None if attn_implementation == "auto" else attn_implementation,
     )
     # The vocabulary size from the config: under ZeRO-3 each rank holds only a flat shard of
     # the embedding matrix, whose own shape says nothing about the vocabulary.

@@ -38,7 +38,9 @@ from training.arguments import (
     DataArguments,
     ModelArguments,
     TrainArguments,
+    check_attention,
     check_deepspeed_config,
+    flash_attn_version,
     resolve_precision,
     resolve_repo_path,
 )
@@ -118,6 +120,7 @@ class HardwareFacts:
     shm_bytes: int | None = None  # size of /dev/shm
     disk_free_bytes: int | None = None  # free at the output directory
     host_memory_bytes: int | None = None  # RAM this container may use
+    flash_attn_version: str | None = None  # the flash-attn package; None: not installed (or start)
     output_dir: str | None = None
     notes: list[str] = field(default_factory=list)  # why a fact is missing (NVML error, ...)
 
@@ -136,6 +139,7 @@ class TrainingPlan:
     gradient_accumulation_steps: int = 1
     max_seq_length: int = 256
     gradient_checkpointing: bool = False
+    attn_implementation: str = "auto"  # training.arguments.ATTENTION_IMPLEMENTATIONS
     save_total_limit: int = 2
     hidden_size: int | None = None
     num_layers: int | None = None
@@ -188,6 +192,7 @@ def gather_facts(gpus_requested: int, output_dir: str | os.PathLike, num_nodes: 
         shm_bytes=_filesystem_bytes("/dev/shm", free=False),
         disk_free_bytes=_filesystem_bytes(_existing_parent(Path(output_dir)), free=True),
         host_memory_bytes=_host_memory_bytes(),
+        flash_attn_version=flash_attn_version(),
         output_dir=str(output_dir),
         notes=notes,
     )
@@ -357,6 +362,7 @@ def plan_from_args(
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         max_seq_length=data_args.max_seq_length,
         gradient_checkpointing=model_args.gradient_checkpointing,
+        attn_implementation=model_args.attn_implementation,
         save_total_limit=train_args.save_total_limit,
         hidden_size=hidden_size,
         num_layers=num_layers,
@@ -443,9 +449,10 @@ def check(facts: HardwareFacts, plan: TrainingPlan, *, where: str) -> list[Findi
     """
     if where not in WHERE:
         raise ValueError(f"where must be one of {WHERE}, got {where!r}")
-    rules = (_precision, _shared_memory, _memory_fit)
+    rules = (_precision, _attention, _shared_memory, _memory_fit)
     if where == "train":
-        rules = (_gpu_count, _precision, _cuda_driver, _gpu_arch, _nccl, _shared_memory, _disk, _memory_fit)
+        rules = (_gpu_count, _precision, _attention, _cuda_driver, _gpu_arch, _nccl, _shared_memory, _disk,
+                 _memory_fit)
     return [finding for rule in rules for finding in rule(facts, plan, where)]
 
 
@@ -513,6 +520,26 @@ def _precision(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Fin
             f"{err} The v100x8 preset (flows/configs/v100x8.json) trains in fp16 on such GPUs."
         ))]
     return []
+
+
+def _attention(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+    """flash_attention_2: the package (on the node only), a GPU of compute capability 8.0+, bf16/fp16."""
+    if plan.attn_implementation != "flash_attention_2":
+        return []
+    cuda = facts.gpus_requested > 0 if where == "start" else bool(facts.gpus)
+    if where == "train" and facts.gpus_requested > 0 and not cuda:
+        return []  # no GPU where GPUs were asked for: the gpu-count error says why
+    capabilities = [g.compute_capability for g in facts.gpus or [] if g.compute_capability is not None]
+    capability = min(capabilities) if capabilities else None
+    try:
+        precision = resolve_precision(plan.precision, cuda=cuda, compute_capability=capability)
+    except ValueError:
+        return []  # the precision rule reports it
+    # In start the image's packages are not known: only the node can tell (None would mean "missing").
+    installed = facts.flash_attn_version if where == "train" else "not judged in start"
+    return [_error("attention", problem) for problem in check_attention(
+        plan.attn_implementation, cuda=cuda, compute_capability=capability, precision=precision,
+        flash_attn_version=installed)]
 
 
 def _cuda_version(text: str) -> tuple[int, int]:

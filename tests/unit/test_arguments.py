@@ -147,3 +147,31 @@ def test_trainer_cli_maps_onto_transformers_training_arguments(tmp_path, monkeyp
     assert args.include_num_input_tokens_seen == "all"  # packed rows have no padding to leave out
     assert args.train_sampling_strategy == "random"
     assert args.logging_steps == 1  # overrides win
+
+
+def test_attention_choice_is_checked_before_anything_loads():
+    from training.arguments import check_attention
+
+    problems = find_problems(*parse_args(["--attn_implementation", "flash"]))
+    assert problems == ["--attn_implementation: 'flash' is not one of auto, sdpa, eager, flash_attention_2."]
+    assert check_attention("sdpa", cuda=False, compute_capability=None, precision="fp32", flash_attn_version=None) == []
+    (cpu,) = check_attention("flash_attention_2", cuda=False, compute_capability=None, precision="fp32",
+                             flash_attn_version=None)
+    assert "needs a CUDA GPU and this node has none" in cpu and "--attn_implementation sdpa" in cpu
+
+
+def test_trainer_refuses_flash_attention_without_a_gpu_before_loading(tmp_path):
+    """Through the CLI: the error comes before the data or the model are read."""
+    import subprocess
+    import sys
+
+    from tests.conftest import python_env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "training.trainer", "--attn_implementation", "flash_attention_2",
+         "--output_dir", str(tmp_path / "out"), "--dataset", str(tmp_path / "no-such-data.jsonl")],
+        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "flash_attention_2 needs a CUDA GPU" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -134,6 +134,26 @@ def test_one_old_gpu_in_the_node_decides():
     assert codes(check(facts, small_plan(), where="train")) == ["precision"]
 
 
+def test_flash_attention_needs_the_package_ampere_and_half_precision():
+    flash = small_plan(attn_implementation="flash_attention_2")
+    assert check(node(A100_80, 4, flash_attn_version="2.8.3"), flash, where="train") == []
+    (missing,) = check(node(A100_80, 4), flash, where="train")
+    assert missing.code == "attention" and "needs the flash-attn package" in missing.message
+    assert "FLASH_ATTN=1" in missing.message and "--attn_implementation sdpa" in missing.message
+    (volta,) = check(node(V100, 8, flash_attn_version="2.8.3"), replace(flash, precision="fp16"), where="train")
+    assert volta.code == "attention" and "compute capability 8.0+" in volta.message and "7.0" in volta.message
+    (fp32,) = check(node(A100_80, 4, flash_attn_version="2.8.3"), replace(flash, precision="fp32"), where="train")
+    assert "bf16 or fp16, not fp32" in fp32.message
+    # Other kernels need nothing; start cannot see the image's packages, only the declared GPU.
+    assert check(node(V100, 8), small_plan(precision="fp16", attn_implementation="sdpa"), where="train") == []
+    start = declared_facts(gpus=4, gpu_name="A100 80GB", gpu_memory_gib=80, compute_capability=(8, 0),
+                           shared_memory_mb=32768)
+    assert check(start, flash, where="start") == []
+    start_v100 = declared_facts(gpus=8, gpu_name="V100", gpu_memory_gib=32, compute_capability=(7, 0),
+                                shared_memory_mb=65536)
+    assert codes(check(start_v100, replace(flash, precision="fp16"), where="start")) == ["attention"]
+
+
 def test_fp16_on_cpu_is_an_error_in_start_and_in_train():
     cpu_plan = small_plan(precision="fp16", zero_stage=2)
     for where, facts in (("start", declared_facts(gpus=0)), ("train", node(A100_80, 0))):
