@@ -90,6 +90,7 @@ def one_rank_world() -> None:
 
 
 def measure(name: str, *, batch: int, seq: int, warmup: int, steps: int, precision: str, deepspeed: str,
+            attention: str,
             work: Path) -> dict[str, Any]:
     # training_arguments: the TrainingArguments of training/trainer.py, shared with the CPU benchmark.
     import torch
@@ -111,7 +112,7 @@ def measure(name: str, *, batch: int, seq: int, warmup: int, steps: int, precisi
     # TrainingArguments first: it sets up the DeepSpeed world the model is then handed to.
     args = training_arguments(output_dir, batch=batch, max_steps=total, deepspeed=deepspeed or None,
                               precision=precision, cuda=True)
-    config = LlamaConfig(max_position_embeddings=max(seq, 2048), **MODELS[name])
+    config = LlamaConfig(max_position_embeddings=max(seq, 2048), attn_implementation=attention, **MODELS[name])
     torch.manual_seed(0)
     built = time.perf_counter()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # fp16: fp32 master weights
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="Steps before timing.")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps.")
     parser.add_argument("--deepspeed", default="ds_configs/zero2.json", help='DeepSpeed config; "" for none.')
+    parser.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                        help="Attention kernel, as the trainer's --attn_implementation.")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="Peak dense FLOP/s per GPU, if the table lacks it.")
     args = parser.parse_args()
     unknown = [m for m in args.models.split(",") if m not in MODELS]
@@ -196,10 +199,12 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory(prefix="bench-mfu-") as tmp:
         results = [measure(name, batch=args.batch, seq=args.seq, warmup=args.warmup, steps=args.steps,
-                           precision=precision, deepspeed=deepspeed, work=Path(tmp))
+                           precision=precision, deepspeed=deepspeed, attention=args.attn_implementation,
+                           work=Path(tmp))
                    for name in args.models.split(",")]
     print(f"\n{device} (capability {capability[0]}.{capability[1]}), {precision}, peak {peak:.0f} TFLOP/s dense; "
-          f"{'DeepSpeed ' + Path(deepspeed).name if deepspeed else 'no DeepSpeed'}, one GPU, torch {torch.__version__}; "
+          f"{'DeepSpeed ' + Path(deepspeed).name if deepspeed else 'no DeepSpeed'}, {args.attn_implementation} attention, "
+          f"one GPU, torch {torch.__version__}; "
           f"{args.warmup} warm-up + {args.steps} timed steps")
     print(f"{'model':<9}{'params':>9}{'N (6N)':>9}{'batch x seq':>13}{'ms/step':>9}{'tokens/s/GPU':>14}"
           f"{'MFU 6N':>8}{'+attn':>8}{'peak GiB':>10}   optimizer")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,19 @@ def test_trainer_vs_bare_loop_quick_prints_its_table(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "HF Trainer" in result.stdout and "bare loop" in result.stdout
     assert "same batches in every path: True" in result.stdout
+
+
+def test_gpu_check_script_runs_every_part_and_writes_a_summary(tmp_path):
+    """benchmarks/gpu_check.sh on this machine: each part runs and reports; without a GPU the
+    GPU tests skip (exit 0) and gpu_mfu refuses (exit 1), which the summary shows."""
+    out = tmp_path / "gpu-check"
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], cwd=REPO, capture_output=True, text=True,
+                            env=python_env(OUT=str(out), PYTHON=sys.executable), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = {line.split()[0]: int(line.split()[2]) for line in (out / "summary.txt").read_text().splitlines()}
+    assert list(summary) == ["versions", "gpu-tests", "gpu-profile-overhead", "gpu-mfu"]
+    assert summary["gpu-tests"] == 0 and "skipped" in (out / "gpu-tests.txt").read_text()
+    assert summary["gpu-profile-overhead"] == 0
+    assert summary["gpu-mfu"] == 1 and "no CUDA GPU here" in (out / "gpu-mfu.txt").read_text()
+    versions = (out / "versions.txt").read_text()
+    assert '"flash_attn_version": null' in versions and re.search(r"^deepspeed\s+0\.19", versions, re.M)
