@@ -219,12 +219,6 @@ class DollyFlow(FlowSpec):
             except (ValueError, KeyError, CheckpointStoreError) as err:
                 problems.append(f"--resume-from: {err}")
         nodes = int(self.settings.get("num_nodes", 1))
-        if nodes > 1 and self.resume_from:
-            problems.append(
-                "--resume-from: resuming a multi-node run is not supported yet (the other nodes' ZeRO "
-                "shards are not in the uploaded checkpoints); start it fresh, or resume on one node "
-                "with flows/dolly_flow.py."
-            )
         if nodes > 1 and not self.MULTI_NODE:
             problems.append(
                 f"config num_nodes is {nodes}: run this preset with flows/dolly_multinode_flow.py "
@@ -323,14 +317,10 @@ class DollyFlow(FlowSpec):
                 # raised inside: the card's final render shows the failure and the findings
                 raise PreflightFailed(in_flow_terms(format_findings(findings)))
         argv = [*self.trainer_argv, "--output_dir", str(workdir)]
-        if self.checkpoint_root and nodes.count > 1:
-            # Node 0 uploads its checkpoint folder; the ZeRO shards of the other nodes' ranks are
-            # not in it, so a resume from S3 would fail to load them. A retried gang starts over.
-            print("Multi-node: checkpoints and the model go to S3; a retry starts from the base model.")
-            argv += ["--s3_uri", self.checkpoint_root]
-        elif self.checkpoint_root:
+        if self.checkpoint_root:
             # A retry (@retry), `resume`, or a fresh run alike: continue from the newest valid
-            # checkpoint of this run if there is one, else start from the base model.
+            # checkpoint of this run if there is one, else start from the base model. On several
+            # nodes every node uploads its part of each checkpoint and downloads its part back.
             resume = self.resume_checkpoint if self.resume_checkpoint and current.retry_count == 0 else "latest"
             argv += ["--s3_uri", self.checkpoint_root, "--resume_from", resume]
         elif self.resume_checkpoint:

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import REPO, python_env
+from tests.conftest import REPO, free_port, python_env
 from training.checkpoint_store import S3CheckpointStore
 
 
@@ -110,3 +110,63 @@ def test_sigterm_checkpoints_and_uploads_within_the_grace_period(tiny_model_dir,
     assert saved, rest[-3000:]
     step = int(saved.group(1))
     assert S3CheckpointStore(f"{uri}/checkpoints").names() == [f"checkpoint-{step}"]
+
+
+def train_two_nodes(args: list[str], s3_env: dict[str, str], tmp_path, name: str) -> list[str]:
+    """Two "nodes" of one CPU rank each (torchrun --nnodes 2, gloo), each with its own output
+    directory as on two machines; returns each node's output."""
+    port = free_port()
+    logs, procs = [], []
+    for node in (0, 1):
+        log = open(tmp_path / f"{name}-node{node}.log", "w")  # noqa: SIM115 -- closed below
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+             "-m", "training.trainer", *args, "--output_dir", str(tmp_path / f"{name}-node{node}"),
+             "--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_seq_length", "1024",
+             "--deepspeed", "ds_configs/zero2.json", "--eval_instructions", "none",
+             "--cache_dir", str(tmp_path / "cache")],
+            cwd=REPO, env=python_env(**s3_env), stdout=log, stderr=subprocess.STDOUT, text=True,
+        ))
+    try:
+        codes = [proc.wait(timeout=600) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+        for log in logs:
+            log.close()
+    outputs = [(tmp_path / f"{name}-node{node}.log").read_text() for node in (0, 1)]
+    assert codes == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    return outputs
+
+
+def test_two_nodes_upload_their_parts_and_resume_from_them(tiny_model_dir, small_dataset_dir, s3_env,
+                                                          s3_bucket_name, tmp_path):
+    """Each node's rank writes its ZeRO-2 optimizer shard to its own disk: every node uploads its
+    part of each checkpoint, and a new pair of nodes resumes from those parts."""
+    import boto3
+
+    uri = f"s3://{s3_bucket_name}/two-nodes"
+    common = ["--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir), "--s3_uri", uri,
+              "--save_steps", "2", "--learning_rate", "1e-3"]
+    train_two_nodes([*common, "--max_steps", "4"], s3_env, tmp_path, "first")
+    assert S3CheckpointStore(f"{uri}/checkpoints").names() == ["checkpoint-2", "checkpoint-4"]
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
+        Bucket=s3_bucket_name, Prefix="two-nodes/checkpoints/checkpoint-4/")["Contents"]]
+    shards = [k.removeprefix("two-nodes/checkpoints/checkpoint-4/") for k in keys if "optim_states" in k]
+    # Node 0's folder holds rank 0's shard only: without node 1's part there is no resuming.
+    assert sorted(shards) == ["global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                              "node-1/global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+    # Two new machines: fresh output directories, only S3 in common with the first attempt.
+    node0, node1 = train_two_nodes([*common, "--max_steps", "6", "--resume_from", "latest"], s3_env, tmp_path,
+                                   "second")
+    for output in (node0, node1):
+        assert f"resuming from {uri}/checkpoints/checkpoint-4" in output
+    steps = [int(s) for s in re.findall(r"\[trainer\] step (\d+)/6 loss=", node0)]
+    assert steps == [5, 6]  # steps 1-4 were not trained again
+    metrics = json.loads((tmp_path / "second-node0" / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and metrics["world_size"] == 2
+    assert (tmp_path / "second-node1" / "resume" / "checkpoint-4" / "global_step4"
+            / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()

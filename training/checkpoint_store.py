@@ -6,11 +6,18 @@ file with its size and sha256. The manifest is uploaded last, so a checkpoint wi
 upload cut off by a lost node) is incomplete and is never used; a download whose bytes do not
 match the manifest is rejected and the previous checkpoint is tried.
 
+On several nodes each node's DeepSpeed ranks write their ZeRO shards to that node's disk, so
+every node uploads its own checkpoint folder: node 0 to ``<uri>/<name>/`` (its manifest says how
+many nodes there are), node k to ``<uri>/<name>/node-<k>/`` with a manifest of its own. The
+checkpoint is complete when every node's manifest is there; node k resumes from node 0's files
+with its own laid over them (its ranks' shards and RNG states).
+
     store = S3CheckpointStore("s3://bucket/runs/42/checkpoints")
     store.upload(Path("out/checkpoints/checkpoint-200"))        # files first, manifest last
     store.names()                                              # ['checkpoint-100', 'checkpoint-200']
     local = store.download_latest_valid(Path("/tmp/resume"))    # verified, or None
     store.prune(keep=2)                                        # save_total_limit, in S3 too
+    S3CheckpointStore(uri, node=1, nodes=2).upload(...)        # node 1 of 2: under <name>/node-1/
 
 Credentials come from boto3's usual chain (environment, profile, instance role); none of them is
 ever written into a manifest or a log line. ``AWS_ENDPOINT_URL_S3`` points boto3 at an
@@ -30,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+NODE_FOLDER = "node-{node}"  # where node k > 0 of a multi-node run puts its part of a checkpoint
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 HASH_CHUNK = 8 * 1024 * 1024
 FILE_WORKERS = 4  # files uploaded at once
@@ -86,9 +94,13 @@ def _warn(message: str) -> None:
 class S3CheckpointStore:
     """Checkpoints under one ``s3://bucket/prefix`` (see the module docstring)."""
 
-    def __init__(self, uri: str, client: Any = None):
+    def __init__(self, uri: str, client: Any = None, *, node: int = 0, nodes: int = 1):
+        """``node``/``nodes``: this node's index and the node count of a multi-node run."""
         if not uri.startswith("s3://") or len(uri) <= len("s3://"):
             raise CheckpointStoreError(f"{uri!r} is not an s3://bucket/prefix URL.")
+        if not 0 <= node < nodes:
+            raise ValueError(f"node {node} of {nodes}: node must be in 0..{nodes - 1}")
+        self.node, self.nodes = node, nodes
         self.uri = uri.rstrip("/")
         self.bucket, _, prefix = self.uri[len("s3://"):].partition("/")
         self.prefix = f"{prefix}/" if prefix else ""
@@ -120,26 +132,32 @@ class S3CheckpointStore:
         return TransferConfig(multipart_threshold=16 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024,
                               max_concurrency=8)
 
+    def _part(self, name: str, node: int) -> str:
+        """The key prefix of ``node``'s part of checkpoint ``name``."""
+        return f"{self.prefix}{name}/" + (f"{NODE_FOLDER.format(node=node)}/" if node else "")
+
     def upload(self, directory: Path, name: str | None = None, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Upload every file of ``directory`` to ``<uri>/<name>/``, then its manifest; returns it."""
+        """Upload every file of ``directory`` to this node's part of ``<uri>/<name>/``, then its
+        manifest; returns it."""
         from concurrent.futures import ThreadPoolExecutor
 
         name = name or directory.name
         manifest = build_manifest(directory, exclude, hashes=False)
-        manifest["name"] = name
+        manifest.update(name=name, node=self.node, nodes=self.nodes)
+        part = self._part(name, self.node)
         config = self._transfer_config()
 
         def upload_one(entry: dict[str, Any]) -> None:
             path = directory / entry["path"]
             # Hash and upload in the same worker: files hash while others are on the wire.
             entry["sha256"] = sha256_file(path)
-            self._call("upload", self.client.upload_file, str(path), self.bucket, f"{self.prefix}{name}/{entry['path']}",
+            self._call("upload", self.client.upload_file, str(path), self.bucket, f"{part}{entry['path']}",
                        Config=config)
 
         with ThreadPoolExecutor(FILE_WORKERS) as pool:
             list(pool.map(upload_one, manifest["files"]))
         # Last: its presence is what makes the checkpoint valid.
-        self._call("upload", self.client.put_object, Bucket=self.bucket, Key=f"{self.prefix}{name}/{MANIFEST}",
+        self._call("upload", self.client.put_object, Bucket=self.bucket, Key=f"{part}{MANIFEST}",
                    Body=json.dumps(manifest, indent=1).encode())
         return manifest
 
@@ -152,37 +170,68 @@ class S3CheckpointStore:
         for page in pages:
             for common in page.get("CommonPrefixes", []):
                 name = common["Prefix"][len(self.prefix):].rstrip("/")
-                if self._manifest(name) is not None:
+                missing = self._missing_parts(name)
+                if not missing:
                     found.append(name)
                 else:
-                    _warn(f"{self.uri}/{name} has no {MANIFEST}: an incomplete upload, skipped")
+                    _warn(f"{self.uri}/{name} {missing}: an incomplete upload, skipped")
         return sorted(found, key=lambda n: (_step_of(n), n))
 
-    def _manifest(self, name: str) -> dict[str, Any] | None:
+    def _manifest(self, name: str, node: int = 0) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
 
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}{name}/{MANIFEST}")["Body"].read()
+            body = self.client.get_object(Bucket=self.bucket, Key=f"{self._part(name, node)}{MANIFEST}")["Body"].read()
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise
         return json.loads(body)
 
+    def _missing_parts(self, name: str) -> str:
+        """What keeps ``name`` from being complete ("" when nothing): node 0's manifest, which
+        says how many nodes wrote the checkpoint, then every other node's."""
+        manifest = self._manifest(name)
+        if manifest is None:
+            return f"has no {MANIFEST}"
+        absent = [k for k in range(1, manifest.get("nodes", 1)) if self._manifest(name, k) is None]
+        if absent:
+            return f"misses the {MANIFEST} of node(s) {', '.join(map(str, absent))} of {manifest['nodes']}"
+        return ""
+
     def download(self, name: str, target: Path) -> Path:
-        """Download ``name`` into ``target/name`` and verify it; raises CheckpointStoreError if bad."""
+        """Download ``name`` into ``target/name`` and verify it; raises CheckpointStoreError if bad.
+
+        On node k of a multi-node run: node 0's files, then node k's own over them.
+        """
         manifest = self._manifest(name)
         if manifest is None:
             raise CheckpointStoreError(f"{self.uri}/{name} has no {MANIFEST}: not a complete checkpoint.")
+        written_by = manifest.get("nodes", 1)
+        if written_by != self.nodes:
+            raise CheckpointStoreError(
+                f"{self.uri}/{name} was written by {written_by} node(s) and this run has {self.nodes}: "
+                "DeepSpeed's ZeRO shards belong to the ranks that wrote them. Resume with the same "
+                "num_nodes and GPUs per node, or start fresh."
+            )
+        parts = [(0, manifest)]
+        if self.node:
+            own = self._manifest(name, self.node)
+            if own is None:
+                raise CheckpointStoreError(f"{self.uri}/{name} misses node {self.node}'s part: not a complete checkpoint.")
+            parts.append((self.node, own))
         local = target / name
         shutil.rmtree(local, ignore_errors=True)
         config = self._transfer_config()
-        for entry in manifest["files"]:
-            path = local / entry["path"]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._call("download", self.client.download_file, self.bucket, f"{self.prefix}{name}/{entry['path']}",
-                       str(path), Config=config)
-        problems = verify_directory(local, manifest)
+        expected: dict[str, dict[str, Any]] = {}  # path -> entry; this node's own copy wins
+        for node, part in parts:
+            for entry in part["files"]:
+                path = local / entry["path"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._call("download", self.client.download_file, self.bucket, f"{self._part(name, node)}{entry['path']}",
+                           str(path), Config=config)
+                expected[entry["path"]] = entry
+        problems = verify_directory(local, {"files": list(expected.values())})
         if problems:
             shutil.rmtree(local, ignore_errors=True)
             raise CheckpointStoreError(f"{self.uri}/{name} is corrupted: " + "; ".join(problems))

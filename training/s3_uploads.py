@@ -3,6 +3,7 @@
 Layout under ``--s3_uri s3://bucket/prefix``::
 
     checkpoints/checkpoint-<step>/...   every checkpoint the Trainer writes, manifest last
+    checkpoints/checkpoint-<step>/node-<k>/...  on several nodes: node k's part (its ranks' shards)
     model/...                           the final model (safetensors, tokenizer, metrics.json)
 
 Each checkpoint is hard-linked into a staging folder the moment the Trainer has written it (so
@@ -50,7 +51,8 @@ class BackgroundUploader:
                 manifest = self.store.upload(staged)
                 self.uploaded.append(manifest)
                 _log(f"uploaded {staged.name} ({manifest['total_bytes'] / 1e6:.1f} MB) to {self.store.uri}/{staged.name}")
-                for name in self.store.prune(self.keep):
+                # Node 0 alone applies the limit (to whole checkpoints, every node's part).
+                for name in self.store.prune(self.keep) if self.store.node == 0 else []:
                     _log(f"deleted {self.store.uri}/{name} (save_total_limit {self.keep})")
             except CheckpointStoreError as err:
                 self.failures.append(f"{staged.name}: {err}")
@@ -79,20 +81,22 @@ def upload_callback(uploader: BackgroundUploader) -> Any:
     return UploadCheckpoints()
 
 
-def resolve_resume(resume_from: str, s3_uri: str, download_root: Path) -> Path | None:
+def resolve_resume(resume_from: str, s3_uri: str, download_root: Path, *, node: int = 0,
+                   nodes: int = 1) -> Path | None:
     """The local checkpoint folder to resume from, or None to start from scratch.
 
     ``latest``: the newest valid checkpoint under ``--s3_uri`` (none yet: start fresh);
     ``s3://.../checkpoint-N``: that checkpoint, verified; a local folder: used as it is.
+    ``node`` of ``nodes``: on several nodes, node 0's files with this node's part over them.
     """
     if resume_from == "latest":
-        store = S3CheckpointStore(f"{s3_uri.rstrip('/')}/checkpoints")
+        store = S3CheckpointStore(f"{s3_uri.rstrip('/')}/checkpoints", node=node, nodes=nodes)
         found = store.download_latest_valid(download_root)
         _log(f"resuming from {store.uri}/{found.name}" if found else f"no valid checkpoint in {store.uri}: starting fresh")
         return found
     if resume_from.startswith("s3://"):
         parent, _, name = resume_from.rstrip("/").rpartition("/")
-        local = S3CheckpointStore(parent).download(name, download_root)
+        local = S3CheckpointStore(parent, node=node, nodes=nodes).download(name, download_root)
         _log(f"resuming from {resume_from}")
         return local
     local = Path(resume_from).expanduser()

@@ -20,6 +20,7 @@ Writes to ``--output_dir``: the final model (safetensors + tokenizer, loadable w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -93,6 +94,30 @@ def _hardware() -> tuple[bool, tuple[int, int] | None]:
     return True, torch.cuda.get_device_capability(0)
 
 
+def node_layout(process_index: int, world_size: int) -> tuple[int, int]:
+    """(this process's node index, number of nodes). Launchers number ranks node by node; the
+    ranks per node come from torchrun's LOCAL_WORLD_SIZE or the deepspeed launcher's LOCAL_SIZE."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size or 1)
+    return process_index // per_node, max(1, world_size // per_node)
+
+
+def _same_checkpoint_everywhere(resume_path: str | None, world_size: int) -> None:
+    """Every node resolved ``--resume_from`` on its own: stop if they did not pick the same step
+    (a download that failed verification on one node only), instead of mixing optimizer states."""
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    picked = [None] * world_size
+    dist.all_gather_object(picked, Path(resume_path).name if resume_path else "")
+    if len(set(picked)) > 1:
+        found = ", ".join(f"rank {rank}: {name or 'none (fresh start)'}" for rank, name in enumerate(picked))
+        raise SystemExit(
+            f"Cannot resume: the ranks found different checkpoints ({found}); see the [checkpoints] "
+            "lines of each node. Pass one checkpoint explicitly with --resume_from s3://.../checkpoint-N."
+        )
+
+
 def hf_training_arguments(model_args: ModelArguments, train_args: TrainArguments, *, precision: str,
                           cuda: bool, **overrides: Any) -> Any:
     """The transformers ``TrainingArguments`` that ``train()`` runs with, from our arguments.
@@ -139,6 +164,9 @@ def hf_training_arguments(model_args: ModelArguments, train_args: TrainArguments
         report_to=["tensorboard"],
         disable_tqdm=True,
         local_rank=train_args.local_rank,
+        # Several nodes: each keeps (and rotates) complete checkpoint folders of its own, beside
+        # its ranks' ZeRO shards; node k uploads its folder under checkpoint-N/node-k/.
+        save_on_each_node=node_layout(0, int(os.environ.get("WORLD_SIZE", "1")))[1] > 1,
     )
     values.update(overrides)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs"))
@@ -247,12 +275,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                                               on_point=stream.evaluation_point)
         callbacks.append(generation_eval)
     uploader = None
+    node, nodes = node_layout(args.process_index, args.world_size)
     if train_args.s3_uri:
-        store = S3CheckpointStore(f"{train_args.s3_uri.rstrip('/')}/checkpoints")
+        store = S3CheckpointStore(f"{train_args.s3_uri.rstrip('/')}/checkpoints", node=node, nodes=nodes)
         store.names()  # reachable and readable, before any training: CheckpointStoreError otherwise
-        # World rank 0 only: on several nodes each would upload its own folder under the same
-        # checkpoint name, and the manifests would overwrite each other (see README, multi-node).
-        if args.process_index == 0:
+        # One uploader per node: each node's ranks wrote their ZeRO shards to that node's disk.
+        if args.local_process_index == 0:
             uploader = BackgroundUploader(store, keep=train_args.save_total_limit, staging_root=output_dir / STAGING)
             callbacks.append(upload_callback(uploader))
     resume_path = None
@@ -261,10 +289,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         chosen = output_dir / "resume" / "CHOSEN"
         with args.main_process_first(local=True, desc="checkpoint download"):
             if args.local_process_index == 0:
-                found = resolve_resume(train_args.resume_from, train_args.s3_uri, output_dir / "resume")
+                found = resolve_resume(train_args.resume_from, train_args.s3_uri, output_dir / "resume",
+                                       node=node, nodes=nodes)
                 chosen.parent.mkdir(parents=True, exist_ok=True)
                 chosen.write_text(str(found or ""))
             resume_path = chosen.read_text() or None
+        _same_checkpoint_everywhere(resume_path, args.world_size)
 
     trainer = Trainer(
         model=model,
@@ -385,20 +415,52 @@ def main(argv: list[str] | None = None) -> None:
     except (DatasetError, BaseModelError, CheckpointStoreError, EvalInstructionsError) as err:
         raise SystemExit(f"Cannot train: {err}") from None
     finally:
-        _close_process_group()
+        _release_deepspeed_shared_memory()
+    _exit_before_gloo_teardown()
 
 
-def _close_process_group() -> None:
-    """Tear torch.distributed down before the interpreter exits.
+def _release_deepspeed_shared_memory() -> None:
+    """Remove this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
 
-    Left to interpreter shutdown, a gloo rank that had finished its work aborted in about 1 run
-    in 6 ("terminate called without an active exception", exit -6), and the launcher then failed
-    the whole job although the model was saved. No barrier here: rank 0 may still be uploading.
+    DeepSpeed's CPU communication op (deepspeed_shm_comm_op, used when every rank is on one
+    machine, a single rank too) creates a 66 MB POSIX shared-memory segment per rank and never
+    unlinks it, so each local run kept 66 MB of RAM per rank in /dev/shm until reboot: 342
+    segments, 23 GB, had piled up on a development machine, which then ran out of memory.
+    By the end every rank has long mapped the others' segments, and unlinking keeps existing
+    mappings. The name is the one deepspeed/ops/csrc/cpu/comm/shm.cpp builds.
     """
+    if not sys.platform.startswith("linux"):
+        return
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "0")])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"/dev/shm/{name}")
+
+
+def _exit_before_gloo_teardown() -> None:
+    """End a multi-rank CPU (gloo) process here, once its work is saved, without interpreter teardown.
+
+    Left to Py_Finalize, 1 run in 4 to 16 of two ZeRO-3 CPU ranks aborted after finishing
+    ("terminate called without an active exception", exit -6), and the launcher then failed the
+    job although the model was saved. A core dump showed why: a gloo worker thread completing an
+    async all-gather that Python had already let go of (DeepSpeed's ZeRO-3 prefetch) frees its
+    tensors, which needs the GIL; during finalization Python ends such a thread with
+    pthread_exit, whose unwinding through torch's noexcept destructor calls std::terminate.
+    destroy_process_group() did not help (the groups live on in DeepSpeed's globals). Nothing is
+    left to run: the model, metrics and logs are written and closed, uploads finished in train().
+    """
+    import logging
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() == 1 or dist.get_backend() != "gloo":
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,52 @@ def test_prune_keeps_the_newest_and_deletes_manifest_first(tmp_path, s3_bucket_n
     assert left.get("KeyCount", 0) == 0
 
 
+def node_part(root, name, rank: int):
+    """What node k of a multi-node run has: its own trainer state and its rank's ZeRO shard."""
+    directory = root / name
+    (directory / "global_step1").mkdir(parents=True)
+    (directory / "trainer_state.json").write_text(json.dumps({"node": rank}))
+    (directory / "global_step1" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"s%d" % rank * 50)
+    (directory / f"rng_state_{rank}.pth").write_bytes(b"rng")
+    return directory
+
+
+def test_a_multi_node_checkpoint_is_complete_with_every_nodes_part(tmp_path, s3_bucket_name, capsys):
+    uri = f"s3://{s3_bucket_name}/mn/checkpoints"
+    node0, node1 = S3CheckpointStore(uri, nodes=2), S3CheckpointStore(uri, node=1, nodes=2)
+    node0.upload(make_checkpoint(tmp_path / "n0", "checkpoint-2"))
+    node1.upload(node_part(tmp_path / "n1", "checkpoint-2", 1))
+    node0.upload(make_checkpoint(tmp_path / "n0", "checkpoint-4"))  # node 1's part never arrived
+    assert node0.names() == node1.names() == ["checkpoint-2"]
+    assert "checkpoint-4 misses the manifest.json of node(s) 1 of 2" in capsys.readouterr().err
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket_name, Prefix="mn/")["Contents"]]
+    assert "mn/checkpoints/checkpoint-2/node-1/global_step1/zero_pp_rank_1_mp_rank_00_optim_states.pt" in keys
+
+    # Node 1 gets node 0's files with its own over them; node 0 gets node 0's alone.
+    mine = node1.download_latest_valid(tmp_path / "restore1")
+    assert json.loads((mine / "trainer_state.json").read_text()) == {"node": 1}
+    assert (mine / "global_step1" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").read_bytes() == b"s1" * 50
+    assert (mine / "model.safetensors").is_file() and (mine / "rng_state_1.pth").is_file()
+    theirs = node0.download_latest_valid(tmp_path / "restore0")
+    assert json.loads((theirs / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (theirs / "rng_state_1.pth").exists()
+
+    # Node 1's part corrupted: node 1 rejects the checkpoint, naming the file.
+    boto3.client("s3").put_object(Bucket=s3_bucket_name, Body=b"x",
+                                  Key="mn/checkpoints/checkpoint-2/node-1/rng_state_1.pth")
+    with pytest.raises(CheckpointStoreError, match="rng_state_1.pth: 1 bytes, manifest says 3"):
+        node1.download("checkpoint-2", tmp_path / "restore1")
+    # Shards belong to ranks: a different node count cannot use them.
+    with pytest.raises(CheckpointStoreError, match="written by 2 node.s. and this run has 1"):
+        S3CheckpointStore(uri).download("checkpoint-2", tmp_path / "restore")
+    # Pruning removes every node's part.
+    node0.upload(make_checkpoint(tmp_path / "n0b", "checkpoint-6"))
+    node1.upload(node_part(tmp_path / "n1b", "checkpoint-6", 1))
+    assert node0.prune(keep=1) == ["checkpoint-2"]
+    left = boto3.client("s3").list_objects_v2(Bucket=s3_bucket_name, Prefix="mn/checkpoints/checkpoint-2/")
+    assert left.get("KeyCount", 0) == 0
+
+
 def test_unreachable_s3_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens on port 9
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
