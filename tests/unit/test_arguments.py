@@ -175,3 +175,22 @@ def test_trainer_refuses_flash_attention_without_a_gpu_before_loading(tmp_path):
     assert result.returncode != 0
     assert "flash_attention_2 needs a CUDA GPU" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "process_index", "world_size", "expected"),
+    [
+        ({}, 0, 1, (0, 1)),  # python -m training.trainer
+        ({"LOCAL_SIZE": "4"}, 3, 4, (0, 1)),  # deepspeed --num_gpus 4: one node
+        ({"LOCAL_WORLD_SIZE": "4"}, 5, 8, (1, 2)),  # torchrun --nnodes 2 --nproc_per_node 4
+        ({"LOCAL_WORLD_SIZE": "1"}, 1, 2, (1, 2)),  # the two-node CPU test
+    ],
+)
+def test_node_layout_from_the_launchers_environment(monkeypatch, env, process_index, world_size, expected):
+    from training.trainer import node_layout
+
+    for key in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert node_layout(process_index, world_size) == expected
