@@ -443,7 +443,7 @@ def _exit_before_gloo_teardown() -> None:
     Left to Py_Finalize, 6 of 33 runs of two ZeRO-3 CPU ranks aborted after finishing
     ("terminate called without an active exception", exit -6), and the launcher then failed the
     job although the model was saved. A core dump showed why: a gloo worker thread completing an
-    async all-gather that Python had already let go of (DeepSpeed's ZeRO-3 prefetch) frees its
+    async all-gather whose handle Python had already dropped (ZeRO-3 gathers weights this way) frees its
     tensors, which needs the GIL; during finalization Python ends such a thread with
     pthread_exit, whose unwinding through torch's noexcept destructor calls std::terminate.
     destroy_process_group() did not help (the groups live on in DeepSpeed's globals). With this
