@@ -47,6 +47,7 @@ from run_summary import load_instructions, summary_components
 from trainer_launch import (
     Nodes,
     launch_command,
+    release_shared_memory,
     run_streaming,
     trainer_arguments,
     training_section_problems,
@@ -326,8 +327,12 @@ class DollyFlow(FlowSpec):
         elif self.resume_checkpoint:
             argv += ["--resume_from", self.resume_checkpoint]
         # World rank 0 (on node 0) writes the metrics stream; other nodes' cards point there.
+        command = launch_command(argv, ranks, nodes)
         with LiveTrainingCard(workdir / PROGRESS_FILE, node=nodes.rank, preflight=self.preflight) as live:
-            run_streaming(launch_command(argv, ranks, nodes), env=s3_endpoint_env())
+            try:
+                run_streaming(command, env=s3_endpoint_env())
+            finally:
+                release_shared_memory(command)  # what killed ranks could not remove themselves
         if nodes.rank != 0:
             return  # node 0 publishes the model and the metrics
         # The curves of the card as (step, value) lists: loss, eval_loss, learning_rate, ...

@@ -7,6 +7,7 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import boto3
 import psutil
@@ -110,6 +111,7 @@ def test_killed_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, f
                                                                  s3_bucket_name, tmp_path):
     config = write_config(tiny_config, tmp_path, max_steps=160, save_steps=20, save_total_limit=2,
                           logging_steps=20, retries=1)
+    segments_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     with trainer_killed_after(s3_bucket_name, "checkpoint-40", str(flow_home)) as killed, metaflow_runner(
         str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home), config=[("config", config)]
     ).run() as running:
@@ -123,6 +125,8 @@ def test_killed_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, f
     train = run["train"].task
     assert train.current_attempt == 1
     assert run["end"].task.data.training_metrics["global_step"] == 160  # as if never interrupted
+    # The killed rank could not remove its 66 MB /dev/shm segment; the train task did.
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= segments_before
 
 
 def test_sigterm_to_the_train_task_checkpoints_to_s3(tiny_config, flow_home, s3_flow_env, s3_bucket_name, tmp_path):

@@ -36,3 +36,24 @@ def test_unknown_keys_and_non_boolean_switches_are_refused_with_the_fix():
     assert "unknown key 'grad_accumulation_steps'. Did you mean 'gradient_accumulation_steps'?" in problems[1]
     assert "Known keys: " in problems[1] and "packing" in problems[1]
     assert problems[2] == "config training.packing: must be true or false, got 'yes'."
+
+
+def test_segments_of_killed_ranks_are_removed_by_launch_port(tmp_path):
+    """Only this launch's segments (its master port) go; another job's stay."""
+    import os
+    from pathlib import Path
+
+    from trainer_launch import launch_command, release_shared_memory
+
+    command = launch_command(["--max_steps", "1"], 2)
+    port = command[command.index("--master_port") + 1]
+    shm = Path("/dev/shm")
+    mine = [shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for rank in (0, 1)]
+    other = shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{int(port) + 1}_0"
+    try:
+        for path in [*mine, other]:
+            path.write_bytes(b"x")
+        assert sorted(release_shared_memory(command)) == sorted(p.name for p in mine)
+        assert not any(p.exists() for p in mine) and other.exists()
+    finally:
+        other.unlink(missing_ok=True)
