@@ -13,7 +13,8 @@
 #   3. benchmarks/gpu_profile_overhead.py on the GPU (the NVML sampling path);
 #   4. benchmarks/gpu_mfu.py: tokens/s per GPU and MFU, SmolLM2-135M and a 1.1B Llama, ZeRO-2 bf16.
 # Each part has its own time limit and its own log under $OUT; a failing part does not stop the
-# others. $OUT/summary.txt lists each part's exit status and time.
+# others. $OUT/summary.txt lists each part's exit status and time. OVERHEAD_STEPS (default 400)
+# sets the steps of part 3.
 #
 # "wheels" downloads what a GPU image that already has torch, accelerate, nvidia-ml-py,
 # matplotlib, tensorboard, pandas, pyarrow and huggingface-hub lacks (the device machine's image;
@@ -49,9 +50,10 @@ SUMMARY="$OUT/summary.txt"
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 
-if ls .whl/*.whl > /dev/null 2>&1; then
+WHEELS=${WHEELS:-.whl}  # what "wheels" downloaded
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/gpu-check-site .whl/*.whl > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
+        --target /tmp/gpu-check-site "$WHEELS"/*.whl > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
     export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -75,6 +77,6 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
 part versions 120 sh -c "nvidia-smi; $PYTHON -m training.preflight --gpus 1 --output-dir /tmp; \
 $PYTHON -m pip list 2>/dev/null | grep -iE '^(torch|transformers|deepspeed|accelerate|flash.attn) '"
 part gpu-tests 300 "$PYTHON" -m pytest -q -ra -p no:cacheprovider -m gpu tests/gpu tests/unit/test_packing.py
-part gpu-profile-overhead 90 "$PYTHON" benchmarks/gpu_profile_overhead.py --steps 400
+part gpu-profile-overhead 90 "$PYTHON" benchmarks/gpu_profile_overhead.py --steps "${OVERHEAD_STEPS:-400}"
 part gpu-mfu 300 "$PYTHON" benchmarks/gpu_mfu.py
 cat "$SUMMARY"

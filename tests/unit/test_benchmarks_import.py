@@ -73,7 +73,8 @@ def test_gpu_check_script_runs_every_part_and_writes_a_summary(tmp_path):
     GPU tests skip (exit 0) and gpu_mfu refuses (exit 1), which the summary shows."""
     out = tmp_path / "gpu-check"
     result = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], cwd=REPO, capture_output=True, text=True,
-                            env=python_env(OUT=str(out), PYTHON=sys.executable), timeout=600)
+                            env=python_env(OUT=str(out), PYTHON=sys.executable, OVERHEAD_STEPS="40",
+                                           WHEELS=str(tmp_path / "no-wheels")), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = {line.split()[0]: int(line.split()[2]) for line in (out / "summary.txt").read_text().splitlines()}
     assert list(summary) == ["versions", "gpu-tests", "gpu-profile-overhead", "gpu-mfu"]
