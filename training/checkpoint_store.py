@@ -161,20 +161,23 @@ class S3CheckpointStore:
                    Body=json.dumps(manifest, indent=1).encode())
         return manifest
 
-    def names(self) -> list[str]:
-        """Checkpoints that have a manifest (complete uploads), oldest step first."""
-        found = []
+    def _prefixes(self) -> list[str]:
+        """Every name under the URI, complete or not."""
         paginator = self.client.get_paginator("list_objects_v2")
         pages = self._call("list", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self.prefix,
                                                                     Delimiter="/")))
-        for page in pages:
-            for common in page.get("CommonPrefixes", []):
-                name = common["Prefix"][len(self.prefix):].rstrip("/")
-                missing = self._missing_parts(name)
-                if not missing:
-                    found.append(name)
-                else:
-                    _warn(f"{self.uri}/{name} {missing}: an incomplete upload, skipped")
+        return [common["Prefix"][len(self.prefix):].rstrip("/") for page in pages
+                for common in page.get("CommonPrefixes", [])]
+
+    def names(self, *, warn: bool = True) -> list[str]:
+        """Checkpoints that have every manifest (complete uploads), oldest step first."""
+        found = []
+        for name in self._prefixes():
+            missing = self._missing_parts(name)
+            if not missing:
+                found.append(name)
+            elif warn:
+                _warn(f"{self.uri}/{name} {missing}: an incomplete upload, skipped")
         return sorted(found, key=lambda n: (_step_of(n), n))
 
     def _manifest(self, name: str, node: int = 0) -> dict[str, Any] | None:
@@ -248,9 +251,14 @@ class S3CheckpointStore:
         return None
 
     def prune(self, keep: int) -> list[str]:
-        """Delete all but the newest ``keep`` checkpoints; returns the names deleted."""
-        names = self.names()
-        doomed = names[: max(0, len(names) - keep)]
+        """Delete all but the newest ``keep`` checkpoints; returns the names deleted. Incomplete
+        checkpoints older than the oldest one kept (a node lost mid-upload) go too."""
+        names = self.names(warn=False)
+        kept = names[max(0, len(names) - keep):]
+        doomed = names[: len(names) - len(kept)]
+        if kept:
+            oldest_kept = _step_of(kept[0])
+            doomed += [n for n in self._prefixes() if n not in names and 0 <= _step_of(n) < oldest_kept]
         for name in doomed:
             # Manifest first: a half-deleted checkpoint must read as incomplete, never as valid.
             self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=f"{self.prefix}{name}/{MANIFEST}")
