@@ -158,6 +158,8 @@ def test_two_nodes_upload_their_parts_and_resume_from_them(tiny_model_dir, small
     # Node 0's folder holds rank 0's shard only: without node 1's part there is no resuming.
     assert sorted(shards) == ["global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                               "node-1/global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert "two-nodes/checkpoints/checkpoint-4/model.safetensors" in keys
+    assert not [k for k in keys if "/node-1/" in k and k.endswith(".safetensors")]  # node 0's copy serves
 
     # Two new machines: fresh output directories, only S3 in common with the first attempt.
     node0, node1 = train_two_nodes([*common, "--max_steps", "6", "--resume_from", "latest"], s3_env, tmp_path,

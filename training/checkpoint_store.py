@@ -38,6 +38,9 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 NODE_FOLDER = "node-{node}"  # where node k > 0 of a multi-node run puts its part of a checkpoint
+# The Trainer's copy of the weights, which every node writes (save_on_each_node) and node 0's part
+# already holds: node k > 0 leaves it out and takes node 0's when it resumes.
+NODE0_ONLY = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 HASH_CHUNK = 8 * 1024 * 1024
 FILE_WORKERS = 4  # files uploaded at once
@@ -57,10 +60,13 @@ def sha256_file(path: Path) -> str:
 
 def build_manifest(directory: Path, exclude: tuple[str, ...] = (), hashes: bool = True) -> dict[str, Any]:
     """Every file under ``directory`` (relative path, size, sha256), sorted by path, except those
-    under the top-level folders named in ``exclude``. ``hashes=False`` leaves sha256 to the caller."""
+    whose top-level name (a file, or the folder it is in) matches a pattern in ``exclude``
+    ("logs", "*.safetensors"). ``hashes=False`` leaves sha256 to the caller."""
+    from fnmatch import fnmatch
+
     files = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        if path.relative_to(directory).parts[0] in exclude:
+        if any(fnmatch(path.relative_to(directory).parts[0], pattern) for pattern in exclude):
             continue
         files.append({"path": path.relative_to(directory).as_posix(), "size": path.stat().st_size,
                       "sha256": sha256_file(path) if hashes else None})
@@ -142,7 +148,7 @@ class S3CheckpointStore:
         from concurrent.futures import ThreadPoolExecutor
 
         name = name or directory.name
-        manifest = build_manifest(directory, exclude, hashes=False)
+        manifest = build_manifest(directory, (*exclude, *(NODE0_ONLY if self.node else ())), hashes=False)
         manifest.update(name=name, node=self.node, nodes=self.nodes)
         part = self._part(name, self.node)
         config = self._transfer_config()

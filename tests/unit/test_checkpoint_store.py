@@ -85,6 +85,7 @@ def node_part(root, name, rank: int):
     (directory / "trainer_state.json").write_text(json.dumps({"node": rank}))
     (directory / "global_step1" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"s%d" % rank * 50)
     (directory / f"rng_state_{rank}.pth").write_bytes(b"rng")
+    (directory / "model.safetensors").write_bytes(b"same weights, written again by node %d" % rank)
     return directory
 
 
@@ -103,7 +104,10 @@ def test_a_multi_node_checkpoint_is_complete_with_every_nodes_part(tmp_path, s3_
     mine = node1.download_latest_valid(tmp_path / "restore1")
     assert json.loads((mine / "trainer_state.json").read_text()) == {"node": 1}
     assert (mine / "global_step1" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").read_bytes() == b"s1" * 50
-    assert (mine / "model.safetensors").is_file() and (mine / "rng_state_1.pth").is_file()
+    assert (mine / "rng_state_1.pth").is_file()
+    # Node 1 did not upload its copy of the weights: node 0's serves every node.
+    assert (mine / "model.safetensors").read_bytes() == b"weights" * 1000
+    assert not [k for k in keys if k.startswith("mn/checkpoints/checkpoint-2/node-1/model")]
     theirs = node0.download_latest_valid(tmp_path / "restore0")
     assert json.loads((theirs / "trainer_state.json").read_text())["global_step"] == 2
     assert not (theirs / "rng_state_1.pth").exists()
