@@ -148,6 +148,18 @@ def tiny_config(tiny_model_dir, small_dataset_dir, flow_home) -> Path:
     return path
 
 
+def write_config(tiny_config: Path, directory: Path, **training) -> str:
+    """``directory/config.json``: the tiny config with ``training`` values changed (``retries``
+    goes to the top level)."""
+    config = json.loads(tiny_config.read_text())
+    config["retries"] = training.pop("retries", 0)
+    config["training"].update(training)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
 def flow_env(flow_home: Path) -> dict[str, str]:
     return python_env(METAFLOW_DATASTORE_SYSROOT_LOCAL=str(flow_home))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, flow_env, python_env, write_jsonl
+from tests.conftest import REPO, flow_env, python_env, write_config, write_jsonl
 
 FLOW = REPO / "flows" / "dolly_flow.py"
 
@@ -81,6 +81,15 @@ def _write_bad(tmp: Path, kind: str) -> list[str]:
     raise AssertionError(kind)
 
 
+def run_flow(config: Path | str, flow_home: Path, *args: str) -> tuple[int, str]:
+    """``python flows/dolly_flow.py --config config <config> run <args>``: exit code and output."""
+    result = subprocess.run(
+        [sys.executable, str(FLOW), "--config", "config", str(config), "run", *args],
+        cwd=flow_home, env=flow_env(flow_home), capture_output=True, text=True, timeout=300,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [
@@ -99,29 +108,16 @@ def _write_bad(tmp: Path, kind: str) -> list[str]:
     ],
 )
 def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, kind, expected):
-    args = _write_bad(tmp_path, kind)
-    result = subprocess.run(
-        [sys.executable, str(FLOW), "--config", "config", str(tiny_config), "run", *args],
-        cwd=flow_home, env=flow_env(flow_home), capture_output=True, text=True, timeout=300,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    returncode, output = run_flow(tiny_config, flow_home, *_write_bad(tmp_path, kind))
+    assert returncode != 0
     assert "DollyFlow cannot start" in output and expected in output, output[-3000:]
     assert "/start/" in output and "/train/" not in output  # stopped before any training task
 
 
 def test_unknown_config_keys_stop_in_start(tiny_config, flow_home, tmp_path):
     """A typo in the config's training section is an error, not a silently ignored setting."""
-    config = json.loads(tiny_config.read_text())
-    config["training"]["gradient_checkpoint"] = True
-    path = tmp_path / "typo.json"
-    path.write_text(json.dumps(config))
-    result = subprocess.run(
-        [sys.executable, str(FLOW), "--config", "config", str(path), "run"],
-        cwd=flow_home, env=flow_env(flow_home), capture_output=True, text=True, timeout=300,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    returncode, output = run_flow(write_config(tiny_config, tmp_path, gradient_checkpoint=True), flow_home)
+    assert returncode != 0
     assert "DollyFlow cannot start" in output, output[-3000:]
     assert "unknown key 'gradient_checkpoint'. Did you mean 'gradient_checkpointing'?" in output
     assert "/train/" not in output
@@ -129,16 +125,8 @@ def test_unknown_config_keys_stop_in_start(tiny_config, flow_home, tmp_path):
 
 def test_trainer_failure_fails_the_train_step_with_the_trainers_error(tiny_config, flow_home, tmp_path, monkeypatch):
     # Passes every start check, but every row is longer than 24 tokens: the trainer stops.
-    config = json.loads(tiny_config.read_text())
-    config["training"]["max_seq_length"] = 24
-    path = tmp_path / "short.json"
-    path.write_text(json.dumps(config))
-    result = subprocess.run(
-        [sys.executable, str(FLOW), "--config", "config", str(path), "run"],
-        cwd=flow_home, env=flow_env(flow_home), capture_output=True, text=True, timeout=300,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    returncode, output = run_flow(write_config(tiny_config, tmp_path, max_seq_length=24), flow_home)
+    assert returncode != 0
     assert "/train/" in output and "The trainer failed" in output, output[-3000:]
     assert "every train row is longer than --max_seq_length 24" in output
 

@@ -13,7 +13,7 @@ import boto3
 import psutil
 import pytest
 
-from tests.conftest import REPO, flow_env, metaflow_runner
+from tests.conftest import REPO, flow_env, metaflow_runner, write_config
 
 FLOW = REPO / "flows" / "dolly_flow.py"
 
@@ -32,16 +32,6 @@ def s3_flow_env(s3_env, s3_bucket_name, flow_home, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
-
-
-def write_config(tiny_config, tmp_path, **training) -> str:
-    config = json.loads(tiny_config.read_text())
-    config["retries"] = training.pop("retries", 0)
-    config["training"].update(training)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    return str(path)
 
 
 def test_full_run_publishes_checkpoints_and_model_to_s3(tiny_config, flow_home, s3_flow_env, s3_bucket_name,
