@@ -499,15 +499,25 @@ def _gpu_count(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Fin
     return []
 
 
-def _precision(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+def _weakest_gpu(facts: HardwareFacts, where: str) -> tuple[bool, int | None, GpuFacts | None] | None:
+    """(CUDA or not, index and facts of the GPU with the lowest compute capability, None when
+    unknown) as the precision and attention rules judge them; None when they cannot judge: no GPU
+    on a node that asked for some, which the gpu-count error explains."""
     cuda = facts.gpus_requested > 0 if where == "start" else bool(facts.gpus)
     if where == "train" and facts.gpus_requested > 0 and not cuda:
-        return []  # no GPU where GPUs were asked for: the gpu-count error says why
+        return None
     gpus = [(i, g) for i, g in enumerate(facts.gpus or []) if g.compute_capability is not None]
-    if cuda and not gpus:
-        return []  # the GPU's compute capability is not known here: decided on the node
-    # The oldest GPU decides: every rank runs the same precision.
+    # The oldest GPU decides: every rank runs the same precision and the same kernels.
     index, weakest = min(gpus, key=lambda ig: ig[1].compute_capability) if gpus else (None, None)
+    return cuda, index, weakest
+
+
+def _precision(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
+    if (judged := _weakest_gpu(facts, where)) is None:
+        return []
+    cuda, index, weakest = judged
+    if cuda and weakest is None:
+        return []  # the GPU's compute capability is not known here: decided on the node
     capability = weakest.compute_capability if weakest else None
     try:
         resolve_precision(plan.precision, cuda=cuda, compute_capability=capability)
@@ -524,13 +534,10 @@ def _precision(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Fin
 
 def _attention(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
     """flash_attention_2: the package (on the node only), a GPU of compute capability 8.0+, bf16/fp16."""
-    if plan.attn_implementation != "flash_attention_2":
+    if plan.attn_implementation != "flash_attention_2" or (judged := _weakest_gpu(facts, where)) is None:
         return []
-    cuda = facts.gpus_requested > 0 if where == "start" else bool(facts.gpus)
-    if where == "train" and facts.gpus_requested > 0 and not cuda:
-        return []  # no GPU where GPUs were asked for: the gpu-count error says why
-    capabilities = [g.compute_capability for g in facts.gpus or [] if g.compute_capability is not None]
-    capability = min(capabilities) if capabilities else None
+    cuda, _, weakest = judged
+    capability = weakest.compute_capability if weakest else None
     try:
         precision = resolve_precision(plan.precision, cuda=cuda, compute_capability=capability)
     except ValueError:
