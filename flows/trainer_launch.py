@@ -24,6 +24,7 @@ from typing import Any
 from metaflow.exception import MetaflowException
 
 import training
+from training.shared_memory import remove_deepspeed_segments
 
 # Where the `training` package lives: on a laptop the repository, on Kubernetes the unpacked
 # code package. The trainer subprocess imports it from there.
@@ -179,22 +180,12 @@ def launch_command(trainer_argv: list[str], num_processes: int, nodes: Nodes | N
 
 
 def release_shared_memory(command: list[str]) -> list[str]:
-    """Remove the /dev/shm segments DeepSpeed's CPU comm op made for ``command``'s ranks; returns
-    their names.
-
-    Each rank removes its own when it exits (training/trainer.py); a rank that was killed (OOM,
-    SIGKILL, a launcher tearing it down) cannot, and every segment holds 66 MB of RAM until
-    reboot. The segment names carry the launch's master port (deepspeed/ops/csrc/cpu/comm/shm.cpp).
-    """
-    if "--master_port" not in command or not sys.platform.startswith("linux"):
+    """Remove the /dev/shm segments DeepSpeed's CPU comm op made for ``command``'s ranks (found by
+    its master port); returns their names. Each rank removes its own when it exits; one that was
+    killed (OOM, SIGKILL, a launcher tearing it down) cannot (training/shared_memory.py)."""
+    if "--master_port" not in command:
         return []
-    port = command[command.index("--master_port") + 1]
-    removed = []
-    for segment in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        with contextlib.suppress(FileNotFoundError):
-            segment.unlink()
-            removed.append(segment.name)
-    return removed
+    return remove_deepspeed_segments(command[command.index("--master_port") + 1])
 
 
 def _free_port() -> int:

@@ -20,7 +20,6 @@ Writes to ``--output_dir``: the final model (safetensors + tokenizer, loadable w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -50,6 +49,7 @@ from training.evaluation import (
 from training.preemption import PreemptionWatch
 from training.progress import PROGRESS_FILE, progress_callback
 from training.s3_uploads import STAGING, BackgroundUploader, resolve_resume, upload_callback
+from training.shared_memory import remove_deepspeed_segments
 
 METRICS_FILE = "metrics.json"
 UPLOADS_FILE = "s3_uploads.json"  # what went to S3, with manifests (files, sizes, sha256)
@@ -420,21 +420,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _release_deepspeed_shared_memory() -> None:
-    """Remove this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
-
-    DeepSpeed's CPU communication op (deepspeed_shm_comm_op, used when every rank is on one
-    machine, a single rank too) creates a 66 MB POSIX shared-memory segment per rank and never
-    unlinks it, so each local run kept 66 MB of RAM per rank in /dev/shm until reboot: 342
-    segments, 23 GB, had piled up on a development machine, which then ran out of memory.
-    By the end every rank has long mapped the others' segments, and unlinking keeps existing
-    mappings. The name is the one deepspeed/ops/csrc/cpu/comm/shm.cpp builds.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
-                     os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "0")])
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(f"/dev/shm/{name}")
+    """Remove this rank's DeepSpeed CPU all-reduce segment (training/shared_memory.py): by the
+    end every rank has long mapped the others' segments."""
+    remove_deepspeed_segments(os.environ.get("MASTER_PORT", ""), rank=os.environ.get("RANK", "0"),
+                              addr=os.environ.get("MASTER_ADDR", ""))
 
 
 def _exit_before_gloo_teardown() -> None:
