@@ -175,10 +175,11 @@ class S3CheckpointStore:
         return [common["Prefix"][len(self.prefix):].rstrip("/") for page in pages
                 for common in page.get("CommonPrefixes", [])]
 
-    def names(self, *, warn: bool = True) -> list[str]:
-        """Checkpoints that have every manifest (complete uploads), oldest step first."""
+    def names(self, *, warn: bool = True, prefixes: list[str] | None = None) -> list[str]:
+        """Checkpoints that have every manifest (complete uploads), oldest step first; among
+        ``prefixes`` when the caller has listed them already."""
         found = []
-        for name in self._prefixes():
+        for name in self._prefixes() if prefixes is None else prefixes:
             missing = self._missing_parts(name)
             if not missing:
                 found.append(name)
@@ -259,12 +260,13 @@ class S3CheckpointStore:
     def prune(self, keep: int) -> list[str]:
         """Delete all but the newest ``keep`` checkpoints; returns the names deleted. Incomplete
         checkpoints older than the oldest one kept (a node lost mid-upload) go too."""
-        names = self.names(warn=False)
+        prefixes = self._prefixes()
+        names = self.names(warn=False, prefixes=prefixes)
         kept = names[max(0, len(names) - keep):]
         doomed = names[: len(names) - len(kept)]
         if kept:
             oldest_kept = _step_of(kept[0])
-            doomed += [n for n in self._prefixes() if n not in names and 0 <= _step_of(n) < oldest_kept]
+            doomed += [n for n in prefixes if n not in names and 0 <= _step_of(n) < oldest_kept]
         for name in doomed:
             # Manifest first: a half-deleted checkpoint must read as incomplete, never as valid.
             self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=f"{self.prefix}{name}/{MANIFEST}")
