@@ -17,9 +17,9 @@
 # sets the steps of part 3.
 #
 # "wheels" downloads what a GPU image that already has torch, accelerate, nvidia-ml-py,
-# matplotlib, tensorboard, pandas, pyarrow and huggingface-hub lacks (the device machine's image;
-# /work/.library/device/KINDS.md lists it) (DeepSpeed is built into a wheel here: PyPI has only its
-# sdist), for --python-version (default 3.12, the GPU machine's), into .whl/ (git-ignored).
+# matplotlib, tensorboard, pandas, pyarrow and huggingface-hub lacks (DeepSpeed is built into a
+# wheel here: PyPI has only its sdist), for PYVER (default 3.12), into .whl/; the check installs
+# them from there (WHEELS= another folder) without network access.
 set -u
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)

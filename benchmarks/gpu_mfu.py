@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -80,18 +79,16 @@ def matmul_parameters(model: Any) -> int:
 
 def one_rank_world() -> None:
     """What `deepspeed --num_gpus 1` would set, unless a launcher already did."""
+    from trainer_vs_bare_loop import free_port
+
     if "RANK" in os.environ:
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def measure(name: str, *, batch: int, seq: int, warmup: int, steps: int, precision: str, deepspeed: str,
-            attention: str,
-            work: Path) -> dict[str, Any]:
+            attention: str, work: Path) -> dict[str, Any]:
     # training_arguments: the TrainingArguments of training/trainer.py, shared with the CPU benchmark.
     import torch
     from trainer_vs_bare_loop import training_arguments
@@ -183,11 +180,21 @@ def main() -> None:
             f"{torch.__version__}). It measures GPU training throughput and MFU; run it on a GPU "
             "machine. Nothing was measured."
         )
-    from training.arguments import resolve_precision, resolve_repo_path
+    from training.arguments import (
+        check_attention,
+        flash_attn_version,
+        resolve_precision,
+        resolve_repo_path,
+    )
 
     device = torch.cuda.get_device_name(0)
     capability = torch.cuda.get_device_capability(0)
     precision = resolve_precision("auto", cuda=True, compute_capability=capability)
+    # The trainer's own check: flash-attn installed, compute capability 8.0+, bf16/fp16.
+    problems = check_attention(args.attn_implementation, cuda=True, compute_capability=capability,
+                               precision=precision, flash_attn_version=flash_attn_version())
+    if problems:
+        raise SystemExit("--attn-implementation: " + " ".join(problems))
     peak = args.peak_tflops or peak_tflops(device)
     if peak is None:
         raise SystemExit(f"--peak-tflops: no peak known for {device!r}; pass its dense {precision} TFLOP/s.")
