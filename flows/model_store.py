@@ -52,7 +52,10 @@ def s3_endpoint_env() -> dict[str, str]:
 
 
 def resolve_resume_from(value: str) -> str:
-    """An s3:// checkpoint URL as given, or a pathspec's newest valid checkpoint URL."""
+    """An s3:// checkpoint URL as given, or a pathspec's checkpoints folder.
+
+    The folder, not its newest checkpoint: only a download shows whether a checkpoint's bytes
+    match its manifest, and the trainer's resolve_resume then falls back to an older one."""
     if value.startswith("s3://"):
         return value
     from metaflow import Run, namespace
@@ -68,4 +71,4 @@ def resolve_resume_from(value: str) -> str:
     names = store.names()
     if not names:
         raise ValueError(f"run {value} has no complete checkpoint in {store.uri}.")
-    return f"{store.uri}/{names[-1]}"
+    return store.uri

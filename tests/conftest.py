@@ -6,11 +6,16 @@ Nothing is downloaded: the tokenizer is trained here on the shipped sample, the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
+import subprocess
 import sys
+import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,17 +101,177 @@ def small_dataset_dir(tmp_path_factory) -> Path:
     return out
 
 
-def python_env(**extra: str) -> dict[str, str]:
-    """The environment for subprocesses: this interpreter's bin first, the repo importable."""
+NO_CUDA = REPO / "tests" / "no_cuda"  # its sitecustomize.py hides CUDA devices from every Python process
+
+
+def python_env(*, cuda: bool = False, **extra: str) -> dict[str, str]:
+    """The environment for subprocesses: this interpreter's bin first, the repo importable, and
+    no CUDA device (unless ``cuda``), so a test takes the CPU path on a GPU machine too."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    path = [str(REPO), env.get("PYTHONPATH")]
+    if not cuda:
+        # CUDA_VISIBLE_DEVICES="" alone reaches only the first process: DeepSpeed's launcher sets
+        # CUDA_VISIBLE_DEVICES=0,1,... for its ranks even on its CPU accelerator.
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        path.insert(0, str(NO_CUDA))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
     env.update(extra)
     return env
 
 
-def metaflow_runner(*args, **kwargs):
-    """``metaflow.Runner(*args, **kwargs)``, undoing the typing patch its constructor applies.
+def nvml_gpu_count() -> int:
+    """GPUs the NVIDIA driver shows on this machine (0 without one): what @gpu_profile samples,
+    since NVML ignores CUDA_VISIBLE_DEVICES."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants (a flow's tasks, the DeepSpeed launcher, its ranks).
+
+    Descendants are listed before anything dies: an orphan is no longer anyone's child. The root
+    is not reaped here (its Popen does that, and would read exit code 0 if psutil had)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        descendants = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for proc in [root, *descendants]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(descendants, timeout=30)
+
+
+def tail(text: str, chars: int = 4000) -> str:
+    return text[-chars:]
+
+
+def run_bounded(command: list[str], *, timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, **kwargs)`` that fails the test
+    after ``timeout`` seconds with the output's tail, and leaves no process of the tree behind.
+
+    subprocess.run's own timeout kills only the child, then waits for the pipes to close: a
+    grandchild holding them (a DeepSpeed rank, a flow's task) keeps it waiting.
+    """
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_process_tree(proc.pid)  # not reaped yet: the pid is still this child's
+            stdout, stderr = proc.communicate(timeout=60)
+            pytest.fail(f"{' '.join(map(str, command[:4]))} ... did not finish in {timeout:.0f} s; killed it and "
+                        f"its descendants. Its last output:\n{tail(stdout)}\n{tail(stderr)}")
+        except BaseException:  # pytest-timeout's failure, Ctrl-C: no process may outlive the test
+            if proc.poll() is None:
+                kill_process_tree(proc.pid)
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+@contextlib.contextmanager
+def started(command: list[str], log: Path, **kwargs: Any) -> Iterator[subprocess.Popen]:
+    """``Popen(command)`` with stdout and stderr going to ``log`` (read it while it runs with
+    ``wait_for_output``): when the block ends, however it ends, the process and its descendants
+    are gone. Reading a pipe instead would block for as long as the process stays silent."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, **kwargs)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                kill_process_tree(proc.pid)
+            proc.wait(timeout=60)
+
+
+def wait_for_output(log: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> re.Match:
+    """The first match of ``pattern`` in ``log`` that ``proc`` writes; fails the test if ``proc``
+    exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        exited = proc.poll() is not None  # asked first: all it printed before exiting is read below
+        text = log.read_text(errors="replace")
+        found = re.search(pattern, text)
+        if found:
+            return found
+        if exited:
+            pytest.fail(f"exited with code {proc.returncode} before printing {pattern!r}. Its last output:\n{tail(text)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{pattern!r} not printed within {timeout:.0f} s. Its last output:\n{tail(text)}")
+        time.sleep(0.2)
+
+
+def wait_for_exit(proc: subprocess.Popen, log: Path, timeout: float) -> int:
+    """``proc``'s exit code; fails the test (with the log's tail) if it runs ``timeout`` s more."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {timeout:.0f} s later. Its last output:\n{tail(log.read_text(errors='replace'))}")
+
+
+FLOW_TIMEOUT_S = 720  # one tiny flow run takes 1-3 min on 2 cores: room for a machine 3x slower
+
+
+class BoundedRunner:
+    """A ``metaflow.Runner`` whose ``run()`` and ``resume()`` wait at most ``timeout`` seconds:
+    then the flow's whole process tree is killed and the test fails with the output's tail.
+    Runner's own ``run()`` waits without limit, and ``ExecutingRun.wait(timeout)`` kills only
+    the flow process's children, not the trainer ranks below them."""
+
+    def __init__(self, runner: Any, timeout: float):
+        self.runner, self.timeout = runner, timeout
+
+    def run(self, **kwargs: Any) -> Any:
+        return self._bounded("run", kwargs)
+
+    def resume(self, **kwargs: Any) -> Any:
+        return self._bounded("resume", kwargs)
+
+    def _kill_all(self) -> None:
+        for command in list(self.runner.spm.commands.values()):
+            if command.process is not None and command.process.poll() is None:  # a reaped pid may be reused
+                kill_process_tree(command.process.pid)
+
+    def _bounded(self, method: str, kwargs: dict) -> Any:
+        timed_out = threading.Event()
+
+        def on_timeout() -> None:
+            timed_out.set()
+            self._kill_all()
+
+        watchdog = threading.Timer(self.timeout, on_timeout)
+        watchdog.start()
+        try:
+            executing = getattr(self.runner, method)(**kwargs)
+        except BaseException as err:  # pytest-timeout's failure, Ctrl-C, or the killed flow
+            watchdog.cancel()
+            self._kill_all()
+            if timed_out.is_set():
+                pytest.fail(f"flow {method} did not finish in {self.timeout:.0f} s; killed its process tree.\n"
+                            f"{tail(str(err))}")
+            raise
+        watchdog.cancel()
+        if timed_out.is_set():
+            output = tail(executing.stdout) + "\n" + tail(executing.stderr)
+            executing.runner.cleanup()
+            pytest.fail(f"flow {method} did not finish in {self.timeout:.0f} s; killed its process tree. "
+                        f"Its last output:\n{output}")
+        return executing
+
+
+def metaflow_runner(*args, timeout: float = FLOW_TIMEOUT_S, **kwargs) -> BoundedRunner:
+    """``metaflow.Runner(*args, **kwargs)`` with ``run()`` and ``resume()`` bounded by ``timeout``
+    seconds (BoundedRunner), undoing the typing patch Runner's constructor applies.
 
     Metaflow 2.19's Runner imports its vendored typing_extensions, which replaces the standard
     ``typing._collect_parameters`` with an older copy; any generic class with TypeVar defaults
@@ -119,7 +284,7 @@ def metaflow_runner(*args, **kwargs):
 
     original = typing._collect_parameters
     try:
-        return Runner(*args, **kwargs)
+        return BoundedRunner(Runner(*args, **kwargs), timeout)
     finally:
         typing._collect_parameters = original
 

@@ -27,11 +27,13 @@ pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts"
 
 
+@pytest.mark.timeout(1800)  # ~7 min on 2 cores; the flow run alone is bounded at 25 min
 def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
     env = python_env(METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path))
     # Runner runs `python flows/dolly_flow.py run` with no arguments, in its own process.
     started = time.perf_counter()
-    with metaflow_runner(str(REPO / "flows" / "dolly_flow.py"), show_output=False, env=env, cwd=str(tmp_path)).run() as running:
+    with metaflow_runner(str(REPO / "flows" / "dolly_flow.py"), show_output=False, env=env, cwd=str(tmp_path),
+                         timeout=1500).run() as running:
         assert running.status == "successful", running.stdout[-5000:] + running.stderr[-5000:]
         run = running.run
     wall_s = time.perf_counter() - started

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, python_env
+from tests.conftest import REPO, free_port, python_env, run_bounded
 from training.evaluation import (
     DEFAULT_EVAL_INSTRUCTIONS,
     EvalInstructionsError,
@@ -57,7 +57,15 @@ def test_trainer_answers_before_training_after_each_epoch(tiny_model_dir, small_
     for point in metrics["evaluation"]:
         assert [a["instruction"] for a in point["answers"]] == [r["instruction"] for r in rows]
         assert all(a["new_tokens"] <= 8 for a in point["answers"])
-        assert point["decoding"] == {"do_sample": False, "max_new_tokens": 8}
+        # --eval_max_new_tokens 8 is the limit: an answer that did not end was cut at exactly 8.
+        assert all(a["new_tokens"] == 8 for a in point["answers"] if not a["ended"]), point["answers"]
+    # Greedy decoding: the saved model, loaded anew, gives the last point's answers again.
+    from training.generate import generate_response, load_for_generation
+
+    model, tokenizer = load_for_generation(str(out))
+    again = [generate_response(model, tokenizer, r["instruction"], r["context"], max_new_tokens=8) for r in rows]
+    assert [(a.text, a.new_tokens, a.ended) for a in again] == [
+        (a["response"], a["new_tokens"], a["ended"]) for a in metrics["evaluation"][-1]["answers"]]
     assert metrics["ended_share_base"] == metrics["evaluation"][0]["ended_share"]
     assert metrics["perplexity_after"] == pytest.approx(2.718281828 ** metrics["eval_loss_after"], rel=1e-6)
     assert "[trainer] evaluation base:" in result.stdout
@@ -72,8 +80,8 @@ def test_zero3_two_ranks_share_the_answers_and_match_one_process(tiny_model_dir,
     def train(*launch: str, out: str) -> tuple[dict, str]:
         # No retry: two gloo ranks used to abort at interpreter exit in ~1 run of 5; the trainer
         # now ends them with os._exit (training/trainer.py, _exit_before_gloo_teardown).
-        result = subprocess.run([*launch, *common, "--output_dir", str(tmp_path / out)], cwd=REPO,
-                                env=python_env(), capture_output=True, text=True, timeout=600)
+        result = run_bounded([*launch, *common, "--output_dir", str(tmp_path / out)], cwd=REPO, env=python_env(),
+                             timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return json.loads((tmp_path / out / "metrics.json").read_text()), result.stdout
 

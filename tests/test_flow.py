@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, flow_env, python_env, write_config, write_jsonl
+from tests.conftest import REPO, flow_env, python_env, run_bounded, write_config, write_jsonl
 
 FLOW = REPO / "flows" / "dolly_flow.py"
 
@@ -52,75 +52,59 @@ def test_run_help_lists_parameters_with_help():
         assert name in result.stdout, name
 
 
-def _write_bad(tmp: Path, kind: str) -> list[str]:
-    if kind == "missing-dataset":
-        return ["--dataset", str(tmp / "nope.jsonl")]
-    if kind == "malformed-json":
-        path = tmp / "bad.jsonl"
-        path.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a", \n')
-        return ["--dataset", str(path)]
-    if kind == "row-without-response":
-        path = write_jsonl(tmp / "noresp.jsonl", [{"instruction": "a", "response": "b"}, {"instruction": "a"}])
-        return ["--dataset", str(path)]
-    if kind == "unknown-zero-stage":
-        path = tmp / "ds.json"
-        path.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
-        return ["--deepspeed-config", str(path)]
-    if kind == "batch-size-zero":
-        return ["--batch-size", "0"]
-    if kind == "missing-model-dir":
-        return ["--base-model", str(tmp / "no-model")]
-    if kind == "malformed-eval-instructions":
-        path = tmp / "eval.jsonl"
-        path.write_text('{"instruction": "ok"}\n{"context": "no instruction"}\n')
-        return ["--eval-instructions", str(path)]
-    if kind == "missing-eval-instructions":
-        return ["--eval-instructions", str(tmp / "nothing.jsonl")]
-    if kind == "two-problems":
-        return ["--batch-size", "0", "--dataset", str(tmp / "nope.jsonl")]
-    raise AssertionError(kind)
-
-
 def run_flow(config: Path | str, flow_home: Path, *args: str) -> tuple[int, str]:
     """``python flows/dolly_flow.py --config config <config> run <args>``: exit code and output."""
-    result = subprocess.run(
-        [sys.executable, str(FLOW), "--config", "config", str(config), "run", *args],
-        cwd=flow_home, env=flow_env(flow_home), capture_output=True, text=True, timeout=300,
-    )
+    result = run_bounded([sys.executable, str(FLOW), "--config", "config", str(config), "run", *args],
+                         cwd=flow_home, env=flow_env(flow_home), timeout=600)
     return result.returncode, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(
-    ("kind", "expected"),
-    [
-        ("missing-dataset", "nope.jsonl does not exist"),
-        ("malformed-json", "bad.jsonl line 2: not valid JSON"),
-        ("malformed-json", "or set config training.skip_bad_rows to skip"),
-        ("row-without-response", "noresp.jsonl line 2: no 'response' (Dolly schema) or 'output'"),
-        ("unknown-zero-stage", "--deepspeed-config: "),
-        ("unknown-zero-stage", "zero_optimization.stage 7"),
-        ("batch-size-zero", "--batch-size: must be positive, got 0"),
-        ("missing-model-dir", "no-model does not exist"),
-        ("malformed-eval-instructions", "eval.jsonl line 2: needs a non-empty 'instruction' string"),
-        ("missing-eval-instructions", "nothing.jsonl does not exist"),
-        ("two-problems", "--batch-size: must be positive, got 0."),
-        ("two-problems", "--dataset: "),
-    ],
-)
-def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, kind, expected):
-    returncode, output = run_flow(tiny_config, flow_home, *_write_bad(tmp_path, kind))
-    assert returncode != 0
-    assert "DollyFlow cannot start" in output and expected in output, output[-3000:]
-    assert "/start/" in output and "/train/" not in output  # stopped before any training task
+def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[str], list[str]]]:
+    """Bad inputs grouped so that one `start` reports several at once, as it lists every problem:
+    run -> (config, flow arguments, what the output must say). One data set and one instruction
+    file per run."""
+    malformed = tmp / "bad.jsonl"
+    malformed.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a", \n')
+    no_response = write_jsonl(tmp / "noresp.jsonl", [{"instruction": "a", "response": "b"}, {"instruction": "a"}])
+    stage_7 = tmp / "ds.json"
+    stage_7.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+    bad_instructions = tmp / "eval.jsonl"
+    bad_instructions.write_text('{"instruction": "ok"}\n{"context": "no instruction"}\n')
+    return {
+        "missing data, numbers, model, DeepSpeed, instructions": (
+            str(tiny_config),
+            ["--dataset", str(tmp / "nope.jsonl"), "--batch-size", "0", "--deepspeed-config", str(stage_7),
+             "--base-model", str(tmp / "no-model"), "--eval-instructions", str(bad_instructions)],
+            ["nope.jsonl does not exist", "--batch-size: must be positive, got 0.", "--deepspeed-config: ",
+             "zero_optimization.stage 7", "no-model does not exist",
+             "eval.jsonl line 2: needs a non-empty 'instruction' string"],
+        ),
+        "malformed JSON, missing instructions": (
+            str(tiny_config),
+            ["--dataset", str(malformed), "--eval-instructions", str(tmp / "nothing.jsonl")],
+            ["bad.jsonl line 2: not valid JSON", "or set config training.skip_bad_rows to skip",
+             "nothing.jsonl does not exist"],
+        ),
+        # A typo in the config's training section is an error, not a silently ignored setting.
+        "row without a response, unknown config key": (
+            write_config(tiny_config, tmp, gradient_checkpoint=True),
+            ["--dataset", str(no_response)],
+            ["noresp.jsonl line 2: no 'response' (Dolly schema) or 'output'",
+             "unknown key 'gradient_checkpoint'. Did you mean 'gradient_checkpointing'?"],
+        ),
+    }
 
 
-def test_unknown_config_keys_stop_in_start(tiny_config, flow_home, tmp_path):
-    """A typo in the config's training section is an error, not a silently ignored setting."""
-    returncode, output = run_flow(write_config(tiny_config, tmp_path, gradient_checkpoint=True), flow_home)
+@pytest.mark.parametrize("case", ["missing data, numbers, model, DeepSpeed, instructions",
+                                  "malformed JSON, missing instructions", "row without a response, unknown config key"])
+def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, case):
+    config, args, expected = bad_input_runs(tiny_config, tmp_path)[case]
+    returncode, output = run_flow(config, flow_home, *args)
     assert returncode != 0
     assert "DollyFlow cannot start" in output, output[-3000:]
-    assert "unknown key 'gradient_checkpoint'. Did you mean 'gradient_checkpointing'?" in output
-    assert "/train/" not in output
+    missing = [message for message in expected if message not in output]
+    assert not missing, (missing, output[-3000:])
+    assert "/start/" in output and "/train/" not in output  # stopped before any training task
 
 
 def test_trainer_failure_fails_the_train_step_with_the_trainers_error(tiny_config, flow_home, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, card_components, flow_env, metaflow_runner, python_env
+from tests.conftest import REPO, card_components, flow_env, metaflow_runner, python_env, run_bounded
 from tests.test_deploy import IMAGE, argo_json
 
 FLOW = REPO / "flows" / "dolly_multinode_flow.py"
@@ -57,8 +57,8 @@ def test_single_node_flow_refuses_a_multi_node_preset(tiny_config, flow_home, tm
     config["num_nodes"] = 2
     path = tmp_path / "two.json"
     path.write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, str(REPO / "flows" / "dolly_flow.py"), "--config", "config", str(path), "run"],
-                            cwd=flow_home, env=flow_env(flow_home), capture_output=True, text=True, timeout=300)
+    result = run_bounded([sys.executable, str(REPO / "flows" / "dolly_flow.py"), "--config", "config", str(path), "run"],
+                         cwd=flow_home, env=flow_env(flow_home), timeout=300)
     assert result.returncode != 0
     assert "num_nodes is 2: run this preset with flows/dolly_multinode_flow.py" in result.stdout + result.stderr
 
@@ -81,7 +81,12 @@ def test_a100x4x2_compiles_to_a_jobset_of_control_and_workers(s3_env, s3_bucket_
     split = next(t for t in workflow["spec"]["templates"] if t["name"].endswith("-foreach-parallel"))
     worker_count = next(p["value"] for p in split["dag"]["tasks"][0]["arguments"]["parameters"] if p["name"] == "workerCount")
     assert "sub(sprig.int(inputs.parameters['num-parallel']),1)" in worker_count
-    assert config["num_nodes"] == 2
+    # num-parallel is what the start step computes at run time (the config's num_nodes, as the
+    # local two-node run shows), not a number fixed at compile time.
+    entry = next(t for t in workflow["spec"]["templates"] if t["name"] == workflow["spec"]["entrypoint"])
+    fan_out = next(t for t in entry["dag"]["tasks"] if t["template"] == split["name"])
+    assert {p["name"]: p["value"] for p in fan_out["arguments"]["parameters"]}["num-parallel"] == (
+        "{{tasks.start.outputs.parameters.num-parallel}}")
     # Both replicated jobs: 4 GPUs, the preset's /dev/shm, the image
     assert manifest.count("nvidia.com/gpu: '4'") == 2
     assert manifest.count("sizeLimit: 32768Mi") == 2 and manifest.count(f"image: {IMAGE}") == 2

@@ -26,6 +26,7 @@ def test_a_gpu_preset_on_a_node_without_gpus_fails_in_seconds_with_the_reason_on
     config = json.loads(tiny_config.read_text())
     config["name"] = "needs-a-gpu"
     config["resources"]["gpu"] = 1
+    # flow_env hides CUDA devices (tests/no_cuda): torch sees none on a GPU machine too.
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps(config))
     with metaflow_runner(str(REPO / FLOW_FILE), show_output=False, env=flow_env(flow_home), cwd=str(flow_home),

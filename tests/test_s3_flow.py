@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import re
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import boto3
 import psutil
 import pytest
 
-from tests.conftest import REPO, flow_env, metaflow_runner, write_config
+from tests.conftest import (
+    REPO,
+    card_components,
+    flow_env,
+    metaflow_runner,
+    of_type,
+    python_env,
+    started,
+    wait_for_exit,
+    wait_for_output,
+    write_config,
+)
 
 FLOW = REPO / "flows" / "dolly_flow.py"
 
@@ -34,43 +47,147 @@ def s3_flow_env(s3_env, s3_bucket_name, flow_home, monkeypatch):
     return env
 
 
+# Credentials no real account has (moto takes any): found anywhere, they leaked.
+LEAK_KEY_ID = "AKIALEAKCHECK7Q3Z9XW"
+LEAK_SECRET = "LeakCheckSecret9f3Kq2Zr7Vx1Lm8Np4Tb6Hc0Jd5Wy"
+CARD_DATA = re.compile(rb'window\.__MF_DATA__\["[^"]+"\] = "([A-Za-z0-9+/=]+)"')
+
+
+def find_everywhere(items, needles: list[str]) -> tuple[dict[str, list[tuple[str, str, str]]], Counter]:
+    """Where each needle occurs in ``items`` ((kind, name, bytes)): {needle: [(kind, name, view)]},
+    and how many views of each kind were read. Views: the bytes as they are, gunzipped
+    (Metaflow's datastore blobs) and a card's base64 data; a needle hidden in any of them is found."""
+    import base64
+    import gzip
+
+    hits: dict[str, list[tuple[str, str, str]]] = {needle: [] for needle in needles}
+    read: Counter = Counter()
+    for kind, name, blob in items:
+        views = [("raw", blob)]
+        if blob[:2] == b"\x1f\x8b":
+            views.append(("gunzip", gzip.decompress(blob)))
+        views += [("card-data", base64.b64decode(m)) for _, text in list(views) for m in CARD_DATA.findall(text)]
+        for view, text in views:
+            read[kind, view] += 1
+            for needle in needles:
+                if needle.encode() in text:
+                    hits[needle].append((kind, name, view))
+    return hits, read
+
+
+def run_outputs(runs, client, bucket: str):
+    """(kind, name, bytes) of everything the runs left: each task's stdout and stderr, each
+    artifact (pickled and repr), each card's HTML, and every object in the bucket."""
+    import pickle
+
+    from metaflow.cards import get_cards
+    from metaflow.plugins.cards.exception import CardNotPresentException
+
+    for run in runs:
+        for step in run:
+            for task in step:
+                yield "log", f"{task.pathspec} stdout", task.stdout.encode()
+                yield "log", f"{task.pathspec} stderr", task.stderr.encode()
+                for artifact in task:
+                    value = artifact.data
+                    yield "artifact", f"{task.pathspec}:{artifact.id}", pickle.dumps(value)
+                    yield "artifact", f"{task.pathspec}:{artifact.id} repr", repr(value).encode()
+                try:
+                    cards = list(get_cards(task))
+                except CardNotPresentException:  # start has no card
+                    cards = []
+                for card in cards:
+                    yield "card", f"{task.pathspec} card {card.id}", card.get().encode()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            yield "s3", obj["Key"], client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+
+
+def corrupt(client, bucket: str, key: str) -> None:
+    """Other bytes, same size: only the manifest's sha256 can tell."""
+    size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    client.put_object(Bucket=bucket, Key=key, Body=b"\0" * size)
+
+
 def test_full_run_publishes_checkpoints_and_model_to_s3(tiny_config, flow_home, s3_flow_env, s3_bucket_name,
-                                                         tmp_path):
-    config = write_config(tiny_config, tmp_path, max_steps=4, save_steps=2, save_total_limit=1)
-    with metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home),
+                                                         tmp_path, monkeypatch):
+    credentials = {"AWS_ACCESS_KEY_ID": LEAK_KEY_ID, "AWS_SECRET_ACCESS_KEY": LEAK_SECRET}
+    env = {**s3_flow_env, **credentials}
+    for key, value in credentials.items():  # this process's boto3 and Metaflow client too
+        monkeypatch.setenv(key, value)
+    config = write_config(tiny_config, tmp_path, max_steps=4, save_steps=2, save_total_limit=2)
+    with metaflow_runner(str(FLOW), show_output=False, env=env, cwd=str(flow_home),
                          config=[("config", config)]).run() as running:
         assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
         run = running.run
         log = running.stdout
+        consoles = [running.stdout, running.stderr]
     root = f"s3://{s3_bucket_name}/metaflow/data/DollyFlow/{run.id}"
     assert f"Checkpoints and model: {root}" in log
     end = run["end"].task.data
     assert end.model_location == f"{root}/model"
     manifest = run["train"].task.data.checkpoint_manifest
-    assert list(manifest["checkpoints"]) == [f"{root}/checkpoints/checkpoint-4"]  # save_total_limit 1
+    assert list(manifest["checkpoints"]) == [f"{root}/checkpoints/checkpoint-2",
+                                             f"{root}/checkpoints/checkpoint-4"]  # save_total_limit 2
     assert {f["path"] for f in manifest["model"]["files"]} >= {"model.safetensors", "tokenizer.json"}
     assert all(len(f["sha256"]) == 64 for f in manifest["model"]["files"])
-    assert "testing" not in json.dumps(manifest)  # no credentials in artifacts
 
     from training.generate import generate_response, load_for_generation
 
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DOLLY_CACHE_DIR", str(cache))
     model, tokenizer = load_for_generation(end.model_location)  # downloads and verifies every file
     assert generate_response(model, tokenizer, "Name a color.", max_new_tokens=4).new_tokens <= 4
 
-    # A new run that starts from this run's newest valid checkpoint, named by its pathspec.
+    # A corrupted model is refused, even with a verified copy of it in the cache.
+    client = boto3.client("s3")
+    prefix = f"metaflow/data/DollyFlow/{run.id}"
+    assert list(cache.glob("s3-models/*/model/model.safetensors"))
+    corrupt(client, s3_bucket_name, f"{prefix}/model/model.safetensors")
+    refused = subprocess.run([sys.executable, "-m", "training.generate", "--model", end.model_location, "Hi."],
+                             cwd=flow_home, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {end.model_location} is corrupted: model.safetensors: sha256 does not match the manifest. "
+        "Its files in S3 are not the bytes that were uploaded: upload it again, or use another checkpoint or model."
+    ), refused.stderr[-3000:]
+
+    # A new run that starts from this run's newest valid checkpoint, named by its pathspec: the
+    # newest (checkpoint-4) is corrupted, so it continues from checkpoint-2, at step 3.
+    corrupt(client, s3_bucket_name, f"{prefix}/checkpoints/checkpoint-4/model.safetensors")
     longer = write_config(tiny_config, tmp_path / "longer", max_steps=6, save_steps=2)
-    with metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home),
+    with metaflow_runner(str(FLOW), show_output=False, env=env, cwd=str(flow_home),
                          config=[("config", longer)]).run(resume_from=f"DollyFlow/{run.id}") as running:
         assert running.status == "successful", running.stdout[-4000:]
-        assert f"resuming from {root}/checkpoints/checkpoint-4" in running.stdout
-        assert running.run["end"].task.data.training_metrics["global_step"] == 6
+        resumed, log = running.run, running.stdout
+        consoles += [running.stdout, running.stderr]
+    assert (f"skipping checkpoint-4: {root}/checkpoints/checkpoint-4 is corrupted: model.safetensors: "
+            "sha256 does not match the manifest") in log, log[-4000:]
+    assert f"resuming from {root}/checkpoints/checkpoint-2" in log, log[-4000:]
+    trained = [int(step) for step in re.findall(r"\[trainer\] step (\d+)/6 [^\n]*\bloss=", log)]
+    assert trained[0] == 3 and trained[-1] == 6, log[-4000:]  # steps 1-2 come from checkpoint-2
+    assert resumed["end"].task.data.training_metrics["global_step"] == 6
+
+    # No credential in any log, artifact, card or S3 object of either run.
+    outputs = [("log", f"console {n}", text.encode()) for n, text in enumerate(consoles)]
+    outputs += run_outputs([run, resumed], client, s3_bucket_name)
+    hits, read = find_everywhere(outputs, [LEAK_SECRET, LEAK_KEY_ID, run.id])
+    leaks = [f"{needle[:8]}... in {kind} {name} ({view})" for needle in (LEAK_SECRET, LEAK_KEY_ID)
+             for kind, name, view in hits[needle]]
+    assert not leaks, "credentials leaked:\n" + "\n".join(leaks)
+    # The scan saw what it had to: the run id in every kind of output, in gzipped blobs and in
+    # cards' encoded data (where a secret would hide as well).
+    found = {(kind, view) for kind, _, view in hits[run.id]}
+    assert {"log", "artifact", "card", "s3"} <= {kind for kind, _ in found}, (found, read)
+    assert ("s3", "gunzip") in found and ("card", "card-data") in found, (found, read)
+    assert read["artifact", "raw"] > 20 and read["card", "raw"] >= 4 and read["s3", "raw"] > 50, read
 
 
 def _kill_trainer_after(bucket: str, checkpoint: str, marker: str, stop: threading.Event, killed: list) -> None:
-    """Wait (bounded) for `checkpoint`'s manifest in S3, then SIGKILL the trainer processes."""
+    """Wait for `checkpoint`'s manifest in S3, then SIGKILL the trainer processes. No deadline of
+    its own: however slow training is, it waits until `stop`, set when the (bounded) run ends."""
     client = boto3.client("s3")
-    deadline = time.monotonic() + 300
-    while not stop.is_set() and time.monotonic() < deadline:
+    while not stop.is_set():
         listing = client.list_objects_v2(Bucket=bucket, Prefix="metaflow/data/DollyFlow/")
         if any(obj["Key"].endswith(f"{checkpoint}/manifest.json") for obj in listing.get("Contents", [])):
             for proc in psutil.process_iter(["pid", "cmdline"]):
@@ -97,12 +214,53 @@ def trainer_killed_after(bucket: str, checkpoint: str, marker: str):
         watcher.join()
 
 
-def test_killed_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, flow_home, s3_flow_env,
+def first_step_after(log: str, marker: str, max_steps: int) -> int:
+    """The first training step the log shows after ``marker`` (e.g. "resuming from ...")."""
+    return int(re.search(rf"\[trainer\] step (\d+)/{max_steps} [^\n]*\bloss=", log[log.index(marker):]).group(1))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_run) -> dict:
+    """The base model's figures from the uninterrupted tiny run (same model, data and decoding),
+    read before a test points this process's Metaflow client at S3."""
+    train = tiny_run[0]["train"].task.data
+    return {"eval_loss_before": train.training_metrics["eval_loss_before"],
+            "ended_share_base": train.training_metrics["ended_share_base"],
+            "base_answers": train.evaluation[0]["answers"]}
+
+
+def assert_whole_run(run, uninterrupted: dict, max_steps: int, steps_per_epoch: int) -> None:
+    """A killed-and-resumed run reports what an uninterrupted run reports: the base model's
+    figures (``uninterrupted``'s), one evaluation point per epoch end, and curves from step 0
+    (logging_steps 1)."""
+    from metaflow.cards import get_cards
+
+    train = run["train"].task.data
+    metrics, evaluation, history = train.training_metrics, train.evaluation, train.training_history
+    assert metrics["eval_loss_before"] == pytest.approx(uninterrupted["eval_loss_before"], rel=1e-5)
+    assert evaluation[0]["label"] == "base" and evaluation[0]["answers"] == uninterrupted["base_answers"]
+    assert metrics["ended_share_base"] == uninterrupted["ended_share_base"]
+    ends = list(range(steps_per_epoch, max_steps + 1, steps_per_epoch))
+    assert [p["global_step"] for p in evaluation] == [0, *ends, *([max_steps] if max_steps % steps_per_epoch else [])]
+    assert [s for s, _ in history["eval_loss"]] == [p["global_step"] for p in evaluation]
+    assert [s for s, _ in metrics["eval_loss_history"]] == [p["global_step"] for p in evaluation]
+    assert [s for s, _ in history["loss"]] == list(range(1, max_steps + 1))
+    (card,) = get_cards(run["train"].task, id="training")
+    (table,) = [t for t in of_type(card_components(card.get()), "table") if t["columns"][0] == "Model"]
+    assert [row[0] for row in table["data"]] == [p["label"] for p in evaluation]
+
+
+# The kill-and-resume runs: 48 rows in batches of 4 make 12 steps an epoch; a checkpoint at every
+# epoch end is saved before that epoch's evaluation, which the resumed attempt must then run.
+KILLED_RUN = {"max_steps": 60, "save_steps": 12, "save_total_limit": 2, "logging_steps": 1}
+STEPS_PER_EPOCH = 12
+
+
+def test_killed_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, uninterrupted, flow_home, s3_flow_env,
                                                                  s3_bucket_name, tmp_path):
-    config = write_config(tiny_config, tmp_path, max_steps=160, save_steps=20, save_total_limit=2,
-                          logging_steps=20, retries=1)
+    config = write_config(tiny_config, tmp_path, **KILLED_RUN, retries=1)
     segments_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    with trainer_killed_after(s3_bucket_name, "checkpoint-40", str(flow_home)) as killed, metaflow_runner(
+    with trainer_killed_after(s3_bucket_name, "checkpoint-24", str(flow_home)) as killed, metaflow_runner(
         str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home), config=[("config", config)]
     ).run() as running:
         log = running.stdout
@@ -111,10 +269,13 @@ def test_killed_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, f
     assert killed, "the trainer finished before it could be killed"
     assert status == "successful", log[-4000:]
     resumed = re.search(r"resuming from s3://\S+/checkpoints/checkpoint-(\d+)", log)
-    assert resumed and int(resumed.group(1)) >= 40, log[-4000:]
+    assert resumed and int(resumed.group(1)) >= 24, log[-4000:]
+    # Continued, not restarted: the retry's first step is the one after the checkpoint.
+    assert first_step_after(log, resumed.group(0), 60) == int(resumed.group(1)) + 1, log[-4000:]
     train = run["train"].task
     assert train.current_attempt == 1
-    assert run["end"].task.data.training_metrics["global_step"] == 160  # as if never interrupted
+    assert run["end"].task.data.training_metrics["global_step"] == 60
+    assert_whole_run(run, uninterrupted, max_steps=60, steps_per_epoch=STEPS_PER_EPOCH)
     # The killed rank could not remove its 66 MB /dev/shm segment; the train task did.
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= segments_before
 
@@ -123,41 +284,43 @@ def test_sigterm_to_the_train_task_checkpoints_to_s3(tiny_config, flow_home, s3_
     """A preempted pod: SIGTERM reaches the train task, which has the trainer save and upload."""
     import os
     import signal
-    import subprocess
     import sys
 
     config = write_config(tiny_config, tmp_path, max_steps=100000, save_steps=100000, eval_steps=100000,
                           logging_steps=1)
-    with subprocess.Popen([sys.executable, str(FLOW), "--config", "config", config, "run"], cwd=flow_home,
-                          env=s3_flow_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as flow:
-        started = time.monotonic()
-        task_pid = run_id = None
-        for line in flow.stdout:
-            found = re.search(r"\[(\d+)/train/\d+ \(pid (\d+)\)\] \[trainer\] step 5/", line)
-            if found:
-                run_id, task_pid = found.group(1), int(found.group(2))
-                break
-            assert time.monotonic() - started < 300, "training never reached step 5"
-        assert task_pid, "no train task seen"
+    log = tmp_path / "flow.log"
+    with started([sys.executable, str(FLOW), "--config", "config", config, "run"], log, cwd=flow_home,
+                 env=s3_flow_env) as flow:
+        found = wait_for_output(log, r"\[(\d+)/train/\d+ \(pid (\d+)\)\] \[trainer\] step 5/", flow, timeout=300)
+        run_id, task_pid = found.group(1), int(found.group(2))
         os.kill(task_pid, signal.SIGTERM)
-        sent = time.monotonic()
-        rest = flow.stdout.read()
-        flow.wait(timeout=120)
-    assert flow.returncode != 0
-    assert "Stopped by SIGTERM" in rest and "Preempted (SIGTERM) at step" in rest, rest[-3000:]
+        sent_at = time.time()
+        # Bounded: if SIGTERM were lost the trainer would run on toward step 100000. At most 25 s
+        # of grace, then the failed task's card and the flow's end.
+        code = wait_for_exit(flow, log, timeout=300)
+    rest = log.read_text()
+    assert code != 0
+    assert "Stopped by SIGTERM" in rest, rest[-3000:]
+    # "uploaded to": the trainer saw the upload finish within its grace period (25 s), timed
+    # from the SIGTERM it received; "upload not finished within the grace period" otherwise.
+    saved = re.search(r"Preempted \(SIGTERM\) at step (\d+): checkpoint-\d+ uploaded to", rest)
+    assert saved, rest[-3000:]
     prefix = f"metaflow/data/DollyFlow/{run_id}/checkpoints/"
     listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket_name, Prefix=prefix)
     manifests = [o for o in listing.get("Contents", []) if o["Key"].endswith("manifest.json")]
-    assert len(manifests) == 1
-    assert manifests[0]["LastModified"].timestamp() - (time.time() - (time.monotonic() - sent)) < 25
+    assert [o["Key"] for o in manifests] == [f"{prefix}checkpoint-{saved.group(1)}/manifest.json"]
+    # Written because of the SIGTERM, not before it (S3 keeps whole seconds).
+    assert manifests[0]["LastModified"].timestamp() >= int(sent_at) - 1
 
 
-def test_resume_continues_a_failed_run_from_its_last_valid_checkpoint(tiny_config, flow_home, s3_flow_env,
+def test_resume_continues_a_failed_run_from_its_last_valid_checkpoint(tiny_config, uninterrupted, flow_home, s3_flow_env,
                                                                      s3_bucket_name, tmp_path):
-    """`python flows/dolly_flow.py resume`: the new attempt continues, it does not start over."""
-    config = write_config(tiny_config, tmp_path, max_steps=160, save_steps=20, save_total_limit=2,
-                          logging_steps=20, retries=0)
-    with trainer_killed_after(s3_bucket_name, "checkpoint-40", str(flow_home)) as killed, metaflow_runner(
+    """`python flows/dolly_flow.py resume`: the new attempt continues, it does not start over; and
+    `--resume-from s3://.../checkpoint-N` starts a new run at step N + 1."""
+    from training.checkpoint_store import S3CheckpointStore
+
+    config = write_config(tiny_config, tmp_path, **KILLED_RUN, retries=0)
+    with trainer_killed_after(s3_bucket_name, "checkpoint-24", str(flow_home)) as killed, metaflow_runner(
         str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home), config=[("config", config)]
     ).run() as failed:
         assert failed.status == "failed"
@@ -170,5 +333,22 @@ def test_resume_continues_a_failed_run_from_its_last_valid_checkpoint(tiny_confi
         log = resumed.stdout
         run = resumed.run
     found = re.search(r"resuming from s3://\S+/DollyFlow/" + origin + r"/checkpoints/checkpoint-(\d+)", log)
-    assert found and int(found.group(1)) >= 40, log[-3000:]
-    assert run["end"].task.data.training_metrics["global_step"] == 160
+    assert found and int(found.group(1)) >= 24, log[-3000:]
+    assert first_step_after(log, found.group(0), 60) == int(found.group(1)) + 1, log[-3000:]
+    assert run["end"].task.data.training_metrics["global_step"] == 60
+    assert_whole_run(run, uninterrupted, max_steps=60, steps_per_epoch=STEPS_PER_EPOCH)
+
+    # A new run from an explicit checkpoint of the failed run: the oldest one kept.
+    checkpoints = f"s3://{s3_bucket_name}/metaflow/data/DollyFlow/{origin}/checkpoints"
+    oldest = S3CheckpointStore(checkpoints).names()[0]
+    step = int(oldest.removeprefix("checkpoint-"))
+    short = write_config(tiny_config, tmp_path / "short", max_steps=step + 2, logging_steps=1)
+    with metaflow_runner(str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home),
+                         config=[("config", short)]).run(resume_from=f"{checkpoints}/{oldest}") as explicit:
+        assert explicit.status == "successful", explicit.stdout[-4000:]
+        log = explicit.stdout
+        metrics = explicit.run["end"].task.data.training_metrics
+    marker = f"resuming from {checkpoints}/{oldest}"
+    assert marker in log and first_step_after(log, marker, step + 2) == step + 1, log[-3000:]
+    assert metrics["global_step"] == step + 2 and metrics["resumed_from_step"] == step
+    assert metrics["eval_loss_before"] == pytest.approx(uninterrupted["eval_loss_before"], rel=1e-5)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, python_env, write_jsonl
+from tests.conftest import REPO, free_port, python_env, run_bounded, write_jsonl
 
 TRAINER = [sys.executable, "-m", "training.trainer"]
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600, **kwargs)
+    return run_bounded(command, cwd=REPO, env=python_env(), timeout=600, **kwargs)
 
 
 def train_losses(output: str) -> list[float]:
@@ -135,7 +135,20 @@ def test_deepspeed_zero3_saves_a_full_model(tiny_model_dir, small_dataset_dir, t
         "--per_device_train_batch_size", "4", "--cache_dir", str(tmp_path / "cache"),
     ])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert all(p.numel() > 0 for p in model.parameters())  # gathered, not empty ZeRO-3 shards
+    # Every weight was gathered from its ZeRO-3 shards: none missing (from_pretrained would fill
+    # it with fresh random values and only warn), none empty, each of the model's full shape.
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # missing, unexpected, mismatched keys, error messages
+    saved = load_file(out / "model.safetensors")
+    full = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out)).state_dict()
+    assert {name: tuple(t.shape) for name, t in saved.items()} == {
+        name: tuple(p.shape) for name, p in full.items() if name in saved}
+    assert set(full) - set(saved) <= {"lm_head.weight"}  # tied to the embeddings, saved once
+    # The trained weights, not the base model's: two steps moved every one of them.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    compared = [name for name in saved if base[name].shape == saved[name].shape]  # not the grown vocabulary
+    assert len(compared) >= len(saved) - 1, sorted(saved)
+    assert [name for name in compared if base[name].equal(saved[name])] == []

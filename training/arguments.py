@@ -152,7 +152,9 @@ class TrainArguments:
         default="",
         metadata={
             "help": "Resume training: 'latest' (the newest valid checkpoint under --s3_uri), an "
-            "s3:// URL of one checkpoint, or a local checkpoint directory."
+            "s3:// URL of one checkpoint (.../checkpoint-N), an s3:// URL of a checkpoints folder "
+            "(its newest valid checkpoint; older ones are tried if it fails verification), or a "
+            "local checkpoint directory."
         },
     )
     eval_instructions: str = field(

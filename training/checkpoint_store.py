@@ -244,7 +244,10 @@ class S3CheckpointStore:
         problems = verify_directory(local, {"files": list(expected.values())})
         if problems:
             shutil.rmtree(local, ignore_errors=True)
-            raise CheckpointStoreError(f"{self.uri}/{name} is corrupted: " + "; ".join(problems))
+            raise CheckpointStoreError(
+                f"{self.uri}/{name} is corrupted: " + "; ".join(problems) + ". Its files in S3 are not "
+                "the bytes that were uploaded: upload it again, or use another checkpoint or model."
+            )
         (local / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return local
 

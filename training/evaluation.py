@@ -109,15 +109,23 @@ def evaluation_callback(rows: list[dict[str, str]], tokenizer: Any, max_new_toke
     """A TrainerCallback answering ``rows`` before training (base model) and after each epoch.
 
     Every rank takes part (see ``answer_all``); world rank 0 keeps the points and passes each
-    to ``on_point`` (the metrics stream) as soon as it is ready.
+    to ``on_point(point, restored)`` (the metrics stream) as soon as it is ready. The points are
+    saved with every checkpoint: a resumed run keeps the base model's answers and every epoch's.
     """
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
-    class GenerationEval(TrainerCallback):
+    from training.run_history import restored_attributes
+
+    class GenerationEval(TrainerCallback, ExportableState):
         def __init__(self) -> None:
             self.points: list[dict[str, Any]] = []
-            self.seconds = 0.0  # generation time on this rank, kept out of the throughput
+            self.seconds = 0.0  # generation time on this rank since step 0, kept out of the throughput
             self.last_step: int | None = None  # the step of the last point, known on every rank
+
+        def state(self) -> dict[str, Any]:  # saved with each checkpoint (trainer_state.json)
+            return {"args": {}, "attributes": {"points": self.points, "seconds": self.seconds,
+                                               "last_step": self.last_step}}
 
         def answer(self, state: Any, model: Any, label: str) -> None:
             point = answer_all(model, tokenizer, rows, label=label, max_new_tokens=max_new_tokens)
@@ -132,8 +140,23 @@ def evaluation_callback(rows: list[dict[str, str]], tokenizer: Any, max_new_toke
                       f"{point['mean_new_tokens']:.0f} tokens on average", flush=True)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 0:  # not on a resumed run
+            if state.global_step == 0:
                 self.answer(state, model, "base")
+                return
+            # Resumed: the points up to the checkpoint come from it (rank 0 kept them).
+            restored = restored_attributes(state, self)
+            self.seconds = float(restored.get("seconds", 0.0))
+            self.last_step = restored.get("last_step")
+            if state.is_world_process_zero:
+                self.points = list(restored.get("points", []))
+                for point in self.points:
+                    if on_point is not None:
+                        on_point(point, True)
+            # A checkpoint saved at an epoch's last step comes before that epoch's answers
+            # (on_epoch_end runs after the step's save): answer them now, as the epoch would have.
+            # Every rank restored the same last_step, so all of them take part (ZeRO-3).
+            if float(state.epoch or 0).is_integer() and self.last_step != state.global_step:
+                self.answer(state, model, f"epoch {round(state.epoch or 0, 2):g}")
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
             # A max_steps run ends inside an epoch: "epoch 0.33".

@@ -105,7 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         except RunLookupError as err:
             parser.exit(2, f"error: --run: {err}\n")
         print(f"[model of run {args.run}: {location}]")
-    model, tokenizer = load_for_generation(location, trust_remote_code=args.trust_remote_code)
+    from training.checkpoint_store import CheckpointStoreError
+
+    try:
+        model, tokenizer = load_for_generation(location, trust_remote_code=args.trust_remote_code)
+    except CheckpointStoreError as err:
+        # An S3 model that is incomplete, corrupted or unreachable: the reason and the fix, not a traceback.
+        parser.exit(1, f"error: {err}\n")
     for number, instruction in enumerate(args.instruction):
         result = generate_response(
             model, tokenizer, instruction, args.context, max_new_tokens=args.max_new_tokens, do_sample=args.sample

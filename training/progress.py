@@ -16,6 +16,10 @@ Events (every one has ``event`` and ``time``, seconds since the epoch):
     eval        step, epoch, eval_loss                          (held-out loss)
     evaluation  one evaluation point (training.evaluation.answer_all): label, answers, ...
     end         step, status ("done" or "preempted")
+
+A resumed run's stream starts with what its checkpoint carries (the Trainer's log history and the
+evaluation points before the checkpoint), marked ``"restored": true``, so its curves and its
+evaluation table start at step 0 as an uninterrupted run's do.
 """
 
 from __future__ import annotations
@@ -51,16 +55,38 @@ class ProgressWriter:
 
 
 def progress_callback(path: Path) -> Any:
-    """A TrainerCallback writing the stream on world rank 0 (other ranks write nothing)."""
-    from transformers import TrainerCallback
+    """A TrainerCallback writing the stream on world rank 0 (other ranks write nothing).
 
-    class StreamProgress(TrainerCallback):
+    Its running totals (seconds inside steps, seconds in training) are saved with every
+    checkpoint, so a resumed run's throughput and runtime cover the whole run.
+    """
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    from training.run_history import restored_attributes
+
+    class StreamProgress(TrainerCallback, ExportableState):
         def __init__(self) -> None:
             self.writer: ProgressWriter | None = None
             self._step_started = 0.0
-            self.step_seconds = 0.0  # inside optimizer steps, this attempt (every rank)
+            self.step_seconds = 0.0  # inside optimizer steps, since step 0 (every rank)
+            self.restored_train_seconds = 0.0  # in earlier attempts, up to the resumed checkpoint
+            self._began = time.perf_counter()
+
+        @property
+        def train_seconds(self) -> float:
+            """Seconds in training since step 0: earlier attempts (up to their checkpoint) and this one."""
+            return self.restored_train_seconds + time.perf_counter() - self._began
+
+        def state(self) -> dict[str, Any]:  # saved with each checkpoint (trainer_state.json)
+            return {"args": {}, "attributes": {"step_seconds": self.step_seconds,
+                                               "restored_train_seconds": self.train_seconds}}
 
         def on_train_begin(self, args, state, control, **kwargs):
+            self._began = time.perf_counter()
+            restored = restored_attributes(state, self)
+            self.step_seconds = float(restored.get("step_seconds", 0.0))
+            self.restored_train_seconds = float(restored.get("restored_train_seconds", 0.0))
             if not state.is_world_process_zero:
                 return
             self.writer = ProgressWriter(path)
@@ -94,9 +120,9 @@ def progress_callback(path: Path) -> Any:
             if self.writer is not None and logs:
                 self.log({**logs, "step": state.global_step, "epoch": state.epoch})
 
-        def evaluation_point(self, point: dict[str, Any]) -> None:
+        def evaluation_point(self, point: dict[str, Any], restored: bool = False) -> None:
             if self.writer is not None:
-                self.writer.write("evaluation", **point)
+                self.writer.write("evaluation", **point, **({"restored": True} if restored else {}))
 
         def end(self, step: int, status: str) -> None:
             if self.writer is not None:
@@ -148,7 +174,8 @@ def progress_view(events: list[dict[str, Any]], now: float | None = None) -> dic
     steps = [e for e in events if e["event"] == "step"]
     logs = [e for e in events if e["event"] == "log"]
     evals = [e for e in events if e["event"] == "eval"]
-    points = [{k: v for k, v in e.items() if k not in ("event", "time")} for e in events if e["event"] == "evaluation"]
+    points = [{k: v for k, v in e.items() if k not in ("event", "time", "restored")}
+              for e in events if e["event"] == "evaluation"]
 
     step = steps[-1]["step"] if steps else (begin["start_step"] if begin else 0)
     max_steps = begin["max_steps"] if begin else 0

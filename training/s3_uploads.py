@@ -20,7 +20,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint_store import CheckpointStoreError, S3CheckpointStore, staged_copy
+from training.checkpoint_store import (
+    CHECKPOINT_NAME,
+    CheckpointStoreError,
+    S3CheckpointStore,
+    staged_copy,
+)
 
 STAGING = ".upload-staging"
 
@@ -86,19 +91,31 @@ def resolve_resume(resume_from: str, s3_uri: str, download_root: Path, *, node: 
     """The local checkpoint folder to resume from, or None to start from scratch.
 
     ``latest``: the newest valid checkpoint under ``--s3_uri`` (none yet: start fresh);
-    ``s3://.../checkpoint-N``: that checkpoint, verified; a local folder: used as it is.
+    ``s3://.../checkpoint-N``: that checkpoint, verified; ``s3://.../checkpoints``: the newest
+    valid checkpoint in that folder (none: an error); a local folder: used as it is.
     ``node`` of ``nodes``: on several nodes, node 0's files with this node's part over them.
     """
-    if resume_from == "latest":
-        store = S3CheckpointStore(f"{s3_uri.rstrip('/')}/checkpoints", node=node, nodes=nodes)
-        found = store.download_latest_valid(download_root)
-        _log(f"resuming from {store.uri}/{found.name}" if found else f"no valid checkpoint in {store.uri}: starting fresh")
-        return found
-    if resume_from.startswith("s3://"):
-        parent, _, name = resume_from.rstrip("/").rpartition("/")
+    parent, _, name = resume_from.rstrip("/").rpartition("/")
+    if resume_from.startswith("s3://") and CHECKPOINT_NAME.match(name):
         local = S3CheckpointStore(parent, node=node, nodes=nodes).download(name, download_root)
         _log(f"resuming from {resume_from}")
         return local
+    if resume_from == "latest" or resume_from.startswith("s3://"):
+        # A folder, not one checkpoint (`--resume-from DollyFlow/<id>` passes the run's): a newest
+        # checkpoint that fails verification falls back to the one before it, not fails the run.
+        uri = f"{s3_uri.rstrip('/')}/checkpoints" if resume_from == "latest" else resume_from
+        store = S3CheckpointStore(uri, node=node, nodes=nodes)
+        found = store.download_latest_valid(download_root)
+        if found:
+            _log(f"resuming from {store.uri}/{found.name}")
+        elif resume_from == "latest":
+            _log(f"no valid checkpoint in {store.uri}: starting fresh")
+        else:
+            raise CheckpointStoreError(
+                f"--resume_from: no checkpoint in {store.uri} downloads and verifies (the [checkpoints] "
+                "lines above say why). Pass another run or checkpoint, or leave --resume_from out to start fresh."
+            )
+        return found
     local = Path(resume_from).expanduser()
     if not (local / "trainer_state.json").is_file():
         raise CheckpointStoreError(

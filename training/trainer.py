@@ -48,6 +48,7 @@ from training.evaluation import (
 )
 from training.preemption import PreemptionWatch
 from training.progress import PROGRESS_FILE, progress_callback
+from training.run_history import eval_losses, missed_epoch_end, whole_train_loss
 from training.s3_uploads import STAGING, BackgroundUploader, resolve_resume, upload_callback
 from training.shared_memory import remove_deepspeed_segments
 
@@ -68,20 +69,12 @@ def _progress_callback() -> Any:
     class PrintProgress(TrainerCallback):
         """One plain line per log event (tqdm bars are unreadable in a streamed task log)."""
 
-        def __init__(self) -> None:
-            self.eval_losses: list[tuple[int, float]] = []
-            self.started = time.time()
-
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items()}
             fields = " ".join(f"{k}={v}" for k, v in shown.items())
             _log(f"step {state.global_step}/{state.max_steps} {fields}")
-
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if metrics and "eval_loss" in metrics:
-                self.eval_losses.append((state.global_step, float(metrics["eval_loss"])))
 
     return PrintProgress()
 
@@ -267,7 +260,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     # the base model's evaluation point lands after its "begin" event.
     stream = progress_callback(output_dir / PROGRESS_FILE)
     callbacks = [stream, _progress_callback(), preemption.callback()]
-    progress = callbacks[1]
     generation_eval = None
     if eval_rows_for_generation:
         # Every rank answers its share; under ZeRO-3 the ranks generate together (sharded weights).
@@ -295,6 +287,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 chosen.write_text(str(found or ""))
             resume_path = chosen.read_text() or None
         _same_checkpoint_everywhere(resume_path, args.world_size)
+    start_step = 0
+    if resume_path:
+        # The checkpoint's log history already holds the base model's eval loss (step 0) and every
+        # evaluation since: evaluating again at its step would only add a point an uninterrupted
+        # run does not have, unless the save came before that step's end-of-epoch evaluation.
+        saved_state = json.loads((Path(resume_path) / "trainer_state.json").read_text())
+        args.eval_on_start = not train_args.eval_steps and missed_epoch_end(saved_state)
+        start_step = int(saved_state["global_step"])
 
     trainer = Trainer(
         model=model,
@@ -317,11 +317,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             where = f"kept in {output_dir / 'checkpoints'}"
         raise SystemExit(f"Preempted (SIGTERM) at step {step}: checkpoint-{step} {where}.")
     # The epoch/step schedule usually evaluated at the last step already: do not pay for it twice.
-    if not progress.eval_losses or progress.eval_losses[-1][0] != trainer.state.global_step:
+    # The log history goes back to step 0 on a resumed run too (the checkpoint carries it).
+    eval_history = eval_losses(trainer.state.log_history)
+    if not eval_history or eval_history[-1][0] != trainer.state.global_step:
         trainer.evaluate()
-    eval_after = progress.eval_losses[-1][1]
+        eval_history = eval_losses(trainer.state.log_history)
+    eval_after = eval_history[-1][1]
     evaluation = []
-    # Generation ran inside trainer.train(): keep it out of the training throughput.
+    # Generation ran inside trainer.train(): keep it out of the training throughput (since step 0).
     generation_s = generation_eval.seconds if generation_eval is not None else 0.0
     if generation_eval is not None:
         # All ranks know the last answered step (each took part), so all agree on this.
@@ -332,8 +335,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     trainer.save_model(str(output_dir))  # gathers ZeRO-3 shards into one safetensors model
     state = trainer.state
 
-    eval_before = progress.eval_losses[0][1]  # eval_on_start: the loss of the untrained model
-    runtime = float(result.metrics["train_runtime"])
+    eval_before = eval_history[0][1]  # eval_on_start at step 0: the loss of the untrained model
+    # Since step 0: earlier attempts up to the resumed checkpoint, then this one.
+    runtime = stream.restored_train_seconds + float(result.metrics["train_runtime"])
     tokens = int(state.num_input_tokens_seen)
     metrics = {
         "base_model": model_args.base_model,
@@ -347,13 +351,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "skipped_bad_rows": data.skipped_rows,
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
-        "eval_loss_history": progress.eval_losses,
+        "eval_loss_history": eval_history,
         "perplexity_before": math.exp(min(eval_before, 50.0)),
         "perplexity_after": math.exp(min(eval_after, 50.0)),
         "ended_share_base": evaluation[0]["ended_share"] if evaluation else None,
         "ended_share_final": evaluation[-1]["ended_share"] if evaluation else None,
         "evaluation": evaluation,
-        "train_loss": float(result.training_loss),
+        "train_loss": whole_train_loss(state.log_history, start_step=start_step,
+                                       attempt_loss=float(result.training_loss), global_step=int(state.global_step)),
         "train_runtime_s": runtime,
         "train_samples": round(len(train_set) * (state.epoch or 0.0)),  # sequences trained on
         "tokens": tokens,
@@ -365,7 +370,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "tokens_per_second_overall": tokens / (runtime - generation_s) if runtime > generation_s else 0.0,
         "global_step": int(state.global_step),
         "epochs": float(state.epoch or 0.0),
-        "total_runtime_s": time.time() - started,
+        "total_runtime_s": time.time() - started,  # this attempt, start-up included
+        "resumed_from_step": start_step,
     }
     if uploader is not None:
         uploader.close()

@@ -7,21 +7,10 @@ import subprocess
 
 import pytest
 
-pynvml = pytest.importorskip("pynvml")
+from tests.conftest import nvml_gpu_count
 
-
-def _has_nvidia_gpu() -> bool:
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return False
-    try:
-        return pynvml.nvmlDeviceGetCount() > 0
-    finally:
-        pynvml.nvmlShutdown()
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_nvidia_gpu(), reason="needs an NVIDIA GPU and driver (NVML)")]
+pytest.importorskip("pynvml")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(nvml_gpu_count() == 0, reason="needs an NVIDIA GPU and driver (NVML)")]
 
 
 def test_real_nvml_samples_every_gpu():
@@ -32,7 +21,7 @@ def test_real_nvml_samples_every_gpu():
         sampler.sample_once()
     sampler.stop()
     data = sampler.snapshot()
-    assert data["num_gpus"] == pynvml_count()
+    assert data["num_gpus"] == nvml_gpu_count()
     assert data["driver_version"] and data["cuda_driver_version"]
     for gpu, device in zip(data["gpus"], data["devices"], strict=True):
         assert device["name"] and device["uuid"].startswith("GPU-")
@@ -41,13 +30,5 @@ def test_real_nvml_samples_every_gpu():
         assert 0 < max(gpu["mem_used_mb"]) <= device["memory_total_mb"]
     if shutil.which("nvidia-smi"):  # the same driver version nvidia-smi reports
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, timeout=60)
         assert data["driver_version"] in smi.stdout
-
-
-def pynvml_count() -> int:
-    pynvml.nvmlInit()
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, python_env
+from tests.conftest import REPO, free_port, python_env, run_bounded
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -32,12 +31,12 @@ def test_deepspeed_zero2_on_cuda_with_auto_precision(tiny_model_dir, small_datas
     # As the flow finds it: beside the interpreter, else on PATH (benchmarks/gpu_check.sh's shim).
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is not installed"
-    result = subprocess.run(
+    result = run_bounded(
         [str(launcher), "--num_gpus", "1", "--master_port", free_port(), "--module", "training.trainer",
          "--deepspeed", "ds_configs/zero2.json", "--base_model", str(tiny_model_dir),
          "--dataset", str(small_dataset_dir), "--output_dir", str(out), "--max_steps", "4",
          "--per_device_train_batch_size", "4", "--cache_dir", str(tmp_path / "cache")],
-        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=python_env(cuda=True), timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -52,12 +51,12 @@ def test_packed_flash_attention_run_matches_the_padded_sdpa_run(tiny_model_dir, 
         pytest.skip("flash-attn 2 needs compute capability 8.0+")
 
     def run(out: str, *extra: str) -> dict:
-        result = subprocess.run(
+        result = run_bounded(
             [sys.executable, "-m", "training.trainer", "--base_model", str(tiny_model_dir), "--dataset",
              str(small_dataset_dir), "--output_dir", str(tmp_path / out), "--max_steps", "3", "--precision", "bf16",
              "--per_device_train_batch_size", "4", "--eval_instructions", "none", "--logging_steps", "1",
              "--cache_dir", str(tmp_path / "cache"), *extra],
-            cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=900,
+            cwd=REPO, env=python_env(cuda=True), timeout=900,
         )
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
         assert f"{extra[1] if extra else 'sdpa'} attention" in result.stdout

@@ -68,6 +68,28 @@ def test_missing_manifest_and_corrupted_file_are_skipped(tmp_path, s3_bucket_nam
     assert not (tmp_path / "restore" / "checkpoint-2").exists()  # rejected bytes are not left behind
 
 
+def test_resume_from_a_checkpoints_folder_skips_a_corrupted_newest(tmp_path, s3_bucket_name, capsys):
+    """`--resume_from s3://.../checkpoints` (what `--resume-from DollyFlow/<id>` passes): the newest
+    checkpoint that verifies. One named checkpoint is that one or an error, never another."""
+    import re
+
+    from training.s3_uploads import resolve_resume
+
+    uri = f"s3://{s3_bucket_name}/run/checkpoints"
+    store = S3CheckpointStore(uri)
+    for step in (2, 4):
+        store.upload(make_checkpoint(tmp_path / "local", f"checkpoint-{step}"))
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket_name, Key="run/checkpoints/checkpoint-4/model.safetensors", Body=b"y" * 7000)
+    assert resolve_resume(uri, "", tmp_path / "a").name == "checkpoint-2"
+    assert f"resuming from {uri}/checkpoint-2" in capsys.readouterr().out
+    with pytest.raises(CheckpointStoreError, match="checkpoint-4 is corrupted: model.safetensors: sha256"):
+        resolve_resume(f"{uri}/checkpoint-4", "", tmp_path / "b")
+    client.put_object(Bucket=s3_bucket_name, Key="run/checkpoints/checkpoint-2/model.safetensors", Body=b"y" * 7000)
+    with pytest.raises(CheckpointStoreError, match=re.escape(f"no checkpoint in {uri} downloads and verifies")):
+        resolve_resume(uri, "", tmp_path / "c")
+
+
 def test_prune_keeps_the_newest_and_deletes_manifest_first(tmp_path, s3_bucket_name):
     store = S3CheckpointStore(f"s3://{s3_bucket_name}/p")
     for step in (1, 2, 3, 4):
