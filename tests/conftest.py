@@ -101,6 +101,9 @@ def small_dataset_dir(tmp_path_factory) -> Path:
     return out
 
 
+sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow imports them
+from trainer_launch import extensions_dir  # noqa: E402
+
 NO_CUDA = REPO / "tests" / "no_cuda"  # its sitecustomize.py hides CUDA devices from every Python process
 
 
@@ -116,6 +119,9 @@ def python_env(*, cuda: bool = False, **extra: str) -> dict[str, str]:
         env["CUDA_VISIBLE_DEVICES"] = ""
         path.insert(0, str(NO_CUDA))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
+    # DeepSpeed's JIT-built CPU ops where the flow's train step keeps them (one folder per venv):
+    # trainers started here directly would otherwise build them a second time (30-90 s).
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     env.update(extra)
     return env
 
