@@ -91,9 +91,15 @@ PASSED_THROUGH = (
     "seed",
     "cache_dir",
     "eval_max_new_tokens",
+    "peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
 )
 # ...as JSON true/false switches...
-SWITCHES = ("gradient_checkpointing", "trust_remote_code", "skip_bad_rows", "group_by_length", "packing")
+SWITCHES = ("gradient_checkpointing", "trust_remote_code", "skip_bad_rows", "group_by_length", "packing",
+            "merge_adapter")
 # ...and the ones the flow reads itself (parameter defaults; the eval batch falls back to batch_size).
 FLOW_KEYS = ("batch_size", "eval_batch_size", "epochs", "max_steps", "learning_rate")
 

@@ -20,6 +20,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # auto: transformers' choice for the model (sdpa, PyTorch's fused attention, for Llama-like models).
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 ZERO_STAGES = (0, 1, 2, 3)
+PEFT_METHODS = ("none", "lora", "qlora")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,6 +47,34 @@ class ModelArguments:
             "help": "Attention kernel: auto (transformers' choice, sdpa for Llama-like models), sdpa, "
             "eager, or flash_attention_2 (needs the flash-attn package, a GPU with compute "
             "capability 8.0+ and bf16/fp16; with --packing it skips the padding entirely)."
+        },
+    )
+    peft: str = field(
+        default="none",
+        metadata={
+            "help": "none: full fine-tuning (every weight trains). lora: LoRA adapters on "
+            "--lora_target_modules train, the base weights stay frozen (peft). qlora: LoRA on base "
+            "weights stored in 4-bit NF4 (bitsandbytes), bf16 compute on a GPU. Under lora/qlora "
+            "the embedding rows of the Dolly keys train too (and nothing else of the embedding)."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank: the adapters' inner dimension."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling: updates are scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input (0 <= p < 1)."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "Layers that get adapters: all-linear (every linear layer but the output "
+            "head, as QLoRA does) or comma-separated module names (q_proj,v_proj)."
+        },
+    )
+    merge_adapter: bool = field(
+        default=True,
+        metadata={
+            "help": "Under lora/qlora, also save the base model with the adapter merged into it "
+            "(a plain model any serving stack loads; as large as the base model: ~16 GB for 8B "
+            "parameters in bf16), with the adapter in <output_dir>/adapter. false: the output is "
+            "the adapter alone (tens of MB), loaded onto its base model by training.generate."
         },
     )
 
@@ -284,6 +313,7 @@ def find_problems(model_args: ModelArguments, data_args: DataArguments, train_ar
             f"--attn_implementation: {model_args.attn_implementation!r} is not one of "
             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
         )
+    problems += check_peft_settings(model_args)
     positive = {
         "per_device_train_batch_size": train_args.per_device_train_batch_size,
         "per_device_eval_batch_size": train_args.per_device_eval_batch_size,
@@ -311,3 +341,29 @@ def find_problems(model_args: ModelArguments, data_args: DataArguments, train_ar
     if data_args.test_size <= 0:
         problems.append(f"--test_size: must be positive, got {data_args.test_size}.")
     return problems
+
+
+def check_peft_settings(model_args: ModelArguments) -> list[str]:
+    """Problems with --peft and the LoRA settings visible without the model (the target modules
+    are checked against the model's layers by ``training.adapters.check_target_modules``)."""
+    if model_args.peft not in PEFT_METHODS:
+        return [f"--peft: {model_args.peft!r} is not one of {', '.join(PEFT_METHODS)}."]
+    if model_args.peft == "none":
+        return []
+    problems = []
+    if model_args.lora_r <= 0:
+        problems.append(f"--lora_r: must be a positive rank (8, 16, 64...), got {model_args.lora_r}.")
+    if model_args.lora_alpha <= 0:
+        problems.append(f"--lora_alpha: must be positive (usually 2 x --lora_r), got {model_args.lora_alpha}.")
+    if not 0 <= model_args.lora_dropout < 1:
+        problems.append(f"--lora_dropout: must be in [0, 1), got {model_args.lora_dropout}.")
+    if not lora_target_modules(model_args.lora_target_modules):
+        problems.append("--lora_target_modules: empty; use all-linear or names such as q_proj,v_proj.")
+    return problems
+
+
+def lora_target_modules(value: str) -> str | list[str]:
+    """``all-linear`` as peft spells it, else the comma-separated names as a list."""
+    if value.strip() == "all-linear":
+        return "all-linear"
+    return [name.strip() for name in value.split(",") if name.strip()]
