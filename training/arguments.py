@@ -314,6 +314,15 @@ def find_problems(model_args: ModelArguments, data_args: DataArguments, train_ar
             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
         )
     problems += check_peft_settings(model_args)
+    if model_args.peft == "qlora" and train_args.deepspeed and not check_deepspeed_config(train_args.deepspeed):
+        stage = json.loads(resolve_repo_path(train_args.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            problems.append(
+                f"--peft qlora cannot run under ZeRO-3 (--deepspeed {train_args.deepspeed}): ZeRO-3 "
+                "partitions every weight into flat shards, which bitsandbytes' packed 4-bit weights "
+                "do not survive. QLoRA fits an 8B model on one 24 GB GPU: use --deepspeed "
+                "ds_configs/zero2.json (or none), or --peft lora with ZeRO-3 for a model too large for one GPU."
+            )
     positive = {
         "per_device_train_batch_size": train_args.per_device_train_batch_size,
         "per_device_eval_batch_size": train_args.per_device_eval_batch_size,

@@ -148,8 +148,11 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_model(model_path: str, tokenizer: Any, *, dtype: Any, trust_remote_code: bool = False,
-               attn_implementation: str = "auto") -> Any:
+               attn_implementation: str = "auto", quantization: Any = None, device: int | None = None) -> Any:
     """The causal LM with embeddings resized for the tokenizer's new tokens.
+
+    ``quantization``: a ``BitsAndBytesConfig`` (QLoRA), whose 4-bit weights are made on the
+    device they load to: ``device`` (this rank's GPU index), or the CPU when None.
 
     Each new token starts at the mean embedding of the pieces its text used to split into: with
     the default (random) start, SmolLM2 learned the answer format but never emitted ``### End``
@@ -161,6 +164,8 @@ def load_model(model_path: str, tokenizer: Any, *, dtype: Any, trust_remote_code
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, trust_remote_code=trust_remote_code,
         attn_implementation=None if attn_implementation == "auto" else attn_implementation,
+        **({"quantization_config": quantization, "device_map": {"": device if device is not None else "cpu"}}
+           if quantization is not None else {}),
     )
     # The vocabulary size from the config: under ZeRO-3 each rank holds only a flat shard of
     # the embedding matrix, whose own shape says nothing about the vocabulary.

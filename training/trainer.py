@@ -28,6 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from training.adapters import (
+    ADAPTER_DIR,
+    apply_lora,
+    quantization_config,
+    save_merged,
+    trainable_parameters,
+)
 from training.arguments import (
     DataArguments,
     ModelArguments,
@@ -239,10 +246,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         )
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # fp16: fp32 master weights
+    quantized = model_args.peft == "qlora"
     model = load_model(model_path, tokenizer, dtype=dtype, trust_remote_code=model_args.trust_remote_code,
-                       attn_implementation=model_args.attn_implementation)
+                       attn_implementation=model_args.attn_implementation,
+                       quantization=quantization_config(torch.float16 if precision == "fp16" else dtype) if quantized else None,
+                       device=args.local_process_index if cuda else None)
     if model_args.gradient_checkpointing:
         model.config.use_cache = False
+    if model_args.peft != "none":
+        try:
+            model = apply_lora(model, tokenizer, model_args, quantized=quantized)
+        except ValueError as err:
+            raise SystemExit(f"Cannot train: {err}") from None
     if train_args.packing:
         try:
             collator = packing_collator(model)  # refuses attention that would mix the sequences
@@ -253,7 +268,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     order = "length-grouped" if train_args.group_by_length else "random"
     layout = "packed into one row" if train_args.packing else "padded to the longest row"
     _log(f"batches: {order} order, {layout}; {model.config._attn_implementation} attention")
-    _log(f"model {model_args.base_model} ({model_path}): {sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f}M parameters, {precision}")
+    trainable, parameters = trainable_parameters(model)
+    _log(f"model {model_args.base_model} ({model_path}): {parameters / 1e6:.2f}M parameters, {precision}"
+         + (f"; {model_args.peft}: {trainable / 1e6:.3f}M trainable ({trainable / parameters:.2%})"
+            if model_args.peft != "none" else ""))
 
     preemption = PreemptionWatch(train_args.preemption_grace_s)
     # The metrics stream the flow's live card reads (rank 0 writes it); it comes first so that
@@ -332,7 +350,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         if answered_steps != trainer.state.global_step:
             generation_eval.answer(trainer.state, trainer.model, "final")
         evaluation = generation_eval.points
-    trainer.save_model(str(output_dir))  # gathers ZeRO-3 shards into one safetensors model
+    # Gathers ZeRO-3 shards into one safetensors model (under LoRA: the adapter alone).
+    adapter_dir = output_dir / ADAPTER_DIR if model_args.peft != "none" and model_args.merge_adapter else output_dir
+    trainer.save_model(str(adapter_dir))
     state = trainer.state
 
     eval_before = eval_history[0][1]  # eval_on_start at step 0: the loss of the untrained model
@@ -372,12 +392,24 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "epochs": float(state.epoch or 0.0),
         "total_runtime_s": time.time() - started,  # this attempt, start-up included
         "resumed_from_step": start_step,
+        "peft": model_args.peft,
+        "trainable_parameters": trainable,
+        "parameters": parameters,
+        # The newest checkpoint on this node's disk (model or adapter, optimizer and trainer state).
+        "checkpoint_bytes": _newest_checkpoint_bytes(output_dir / "checkpoints"),
     }
     if uploader is not None:
         uploader.close()
         metrics["checkpoints_uploaded"] = [m["name"] for m in uploader.uploaded]
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(output_dir))
+        tokenizer.save_pretrained(str(adapter_dir))
+        if adapter_dir != output_dir:
+            metrics["adapter_bytes"] = _bytes_in(adapter_dir)
+            _log(f"merging the adapter ({metrics['adapter_bytes'] / 1e6:.1f} MB) into the base model")
+            save_merged(adapter_dir, output_dir, dtype=dtype, trust_remote_code=model_args.trust_remote_code,
+                        cache_dir=cache_dir)
+        elif model_args.peft != "none":
+            metrics["adapter_bytes"] = _bytes_in(output_dir, exclude=LOCAL_ONLY)
         if train_args.s3_uri:
             metrics["model_location"] = f"{train_args.s3_uri.rstrip('/')}/model"
         (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -408,6 +440,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             f"{output_dir / 'checkpoints'}):\n  " + "\n  ".join(uploader.failures)
         )
     return metrics
+
+
+def _bytes_in(directory: Path, exclude: tuple[str, ...] = ()) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*")
+               if f.is_file() and f.relative_to(directory).parts[0] not in exclude)
+
+
+def _newest_checkpoint_bytes(checkpoints: Path) -> int | None:
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
+    return _bytes_in(found[-1]) if found else None
 
 
 def main(argv: list[str] | None = None) -> None:
