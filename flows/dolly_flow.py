@@ -34,6 +34,7 @@ from metaflow import (
     FlowSpec,
     Parameter,
     card,
+    config_expr,
     current,
     package_sources,
     resources,
@@ -71,6 +72,7 @@ PARAMETER_FOR_FLAG = {
     "max_steps": "--max-steps",
     "learning_rate": "--learning-rate",
     "per_device_train_batch_size": "--batch-size",
+    "peft": "--peft",
 }
 CONFIG_KEY_FOR_FLAG = {"per_device_eval_batch_size": "eval_batch_size"}
 
@@ -146,6 +148,14 @@ class DollyFlow(FlowSpec):
     batch_size = Parameter(
         "batch-size", type=int, default=settings.training.batch_size, help="Training sequences per device per micro-step."
     )
+    peft = Parameter(
+        "peft",
+        type=str,
+        default=config_expr("config.training.get('peft', 'none')"),
+        help="none: full fine-tuning. lora: LoRA adapters (peft), base weights frozen. qlora: LoRA "
+        "on a 4-bit NF4 base (bitsandbytes). Rank, alpha, dropout and target modules: config "
+        "training.lora_*. Default: the config's training.peft, else none.",
+    )
     deepspeed_config = Parameter(
         "deepspeed-config",
         type=str,
@@ -185,6 +195,7 @@ class DollyFlow(FlowSpec):
 
     def check_inputs(self) -> None:
         """Every check of `start`, shared with DollyMultiNodeFlow: raises InvalidRunInputs."""
+        from training.adapters import peft_problems
         from training.arguments import find_problems, parse_args
         from training.base_model import BaseModelError, resolve_base_model
         from training.checkpoint_store import CheckpointStoreError
@@ -203,6 +214,7 @@ class DollyFlow(FlowSpec):
             max_steps=self.max_steps,
             learning_rate=self.learning_rate,
             batch_size=self.batch_size,
+            peft=self.peft,
             training=self.settings.training,
         ) + ["--eval_instructions", self.eval_instructions]
         # The trainer's own parser and checks: start fails with the message the trainer would print.
@@ -241,6 +253,8 @@ class DollyFlow(FlowSpec):
                 resolved_model = resolve_base_model(model_args.base_model)
             except BaseModelError as err:
                 problems.append(str(err))
+            else:
+                problems += peft_problems(model_args, resolved_model)
         # What the config declares about the hardware against the plan: precision, /dev/shm,
         # GPU memory. The train node checks again with its real facts.
         findings, self.preflight_start = start_preflight(self.settings, model_args, data_args, train_args,
@@ -270,6 +284,7 @@ class DollyFlow(FlowSpec):
                 "max_steps": self.max_steps,
                 "learning_rate": self.learning_rate,
                 "batch_size": self.batch_size,
+                "peft": self.peft,
             },
         }
         print(

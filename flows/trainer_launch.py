@@ -46,6 +46,7 @@ def trainer_arguments(
     max_steps: int,
     learning_rate: float,
     batch_size: int,
+    peft: str,
     training: dict[str, Any],
 ) -> list[str]:
     """The trainer's command-line arguments from the flow's parameters and config ``training``.
@@ -60,6 +61,7 @@ def trainer_arguments(
         "max_steps": max_steps,
         "learning_rate": learning_rate,
         "per_device_train_batch_size": batch_size,
+        "peft": peft,
         "per_device_eval_batch_size": training.get("eval_batch_size", batch_size),
     }
     for name in PASSED_THROUGH:
@@ -91,7 +93,6 @@ PASSED_THROUGH = (
     "seed",
     "cache_dir",
     "eval_max_new_tokens",
-    "peft",
     "lora_r",
     "lora_alpha",
     "lora_dropout",
@@ -101,7 +102,7 @@ PASSED_THROUGH = (
 SWITCHES = ("gradient_checkpointing", "trust_remote_code", "skip_bad_rows", "group_by_length", "packing",
             "merge_adapter")
 # ...and the ones the flow reads itself (parameter defaults; the eval batch falls back to batch_size).
-FLOW_KEYS = ("batch_size", "eval_batch_size", "epochs", "max_steps", "learning_rate")
+FLOW_KEYS = ("batch_size", "eval_batch_size", "epochs", "max_steps", "learning_rate", "peft")
 
 
 def training_section_problems(training: dict[str, Any]) -> list[str]:

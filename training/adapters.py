@@ -27,6 +27,7 @@ model. The adapter names its base model as the user gave it (a hub id, a directo
 from __future__ import annotations
 
 import functools
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,44 @@ def linear_layer_names(model: Any) -> list[str]:
     return sorted(names)
 
 
+def peft_problems(model_args: Any, model_path: str) -> list[str]:
+    """What stops ``--peft`` on this model here, found without loading weights: target modules
+    the model does not have (with the names it has), QLoRA without bitsandbytes."""
+    from training.arguments import lora_target_modules
+
+    if model_args.peft == "none":
+        return []
+    problems = []
+    if model_args.peft == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("--peft qlora needs the bitsandbytes package: pip install 'bitsandbytes>=0.46' "
+                        "(the GPU image has it), or use --peft lora.")
+    targets = lora_target_modules(model_args.lora_target_modules)
+    if targets != "all-linear" and targets and (problem := missing_targets(
+            _meta_model(model_path, model_args.trust_remote_code), targets, model_args.base_model)):
+        problems.append(problem)
+    return problems
+
+
+def missing_targets(model: Any, targets: list[str], model_name: str) -> str | None:
+    """The problem with target module names the model does not have, listing those it has."""
+    available = linear_layer_names(model)
+    missing = [name for name in targets if name not in available]
+    if not missing:
+        return None
+    return (f"--lora_target_modules: {', '.join(missing)} not in {model_name}; its linear layers "
+            f"are {', '.join(available)} (or use all-linear).")
+
+
+def _meta_model(model_path: str, trust_remote_code: bool) -> Any:
+    """The model's module tree on the meta device: its layers, no weights loaded or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def _module_name(model: Any, module: Any) -> str:
     return next(name for name, candidate in model.named_modules() if candidate is module)
 
@@ -81,14 +120,8 @@ def apply_lora(model: Any, tokenizer: Any, model_args: Any, *, quantized: bool) 
     from training.arguments import lora_target_modules
 
     targets = lora_target_modules(model_args.lora_target_modules)
-    if targets != "all-linear":
-        available = linear_layer_names(model)
-        missing = [name for name in targets if name not in available]
-        if missing:
-            raise ValueError(
-                f"--lora_target_modules: {', '.join(missing)} not in {model_args.base_model}; its "
-                f"linear layers are {', '.join(available)} (or use all-linear)."
-            )
+    if targets != "all-linear" and (problem := missing_targets(model, targets, model_args.base_model)):
+        raise ValueError(problem)
     token_ids = sorted({tokenizer.convert_tokens_to_ids(key) for key in SPECIAL_KEYS})
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()

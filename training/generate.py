@@ -3,6 +3,7 @@
     python -m training.generate --run latest "Give three tips for staying focused."
     python -m training.generate --run DollyFlow/1764412345678 "What is a haiku?" "Name 3 rivers."
     python -m training.generate --model outputs/dolly --context "Paris is ..." "Summarize this."
+    python -m training.generate --model outputs/lora-adapter "What is a haiku?"   # LoRA adapter alone
     python -m training.generate --model s3://bucket/DollyFlow/17644/model "What is a haiku?"
 
     from training.generate import load_for_generation, generate_response
@@ -29,9 +30,13 @@ class Generation:
 def load_for_generation(model_dir: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) of a trained model directory or ``s3://.../model`` URL, in eval mode.
 
+    A LoRA adapter directory (``--merge_adapter false``) is put on the base model it names.
+
     An S3 model is downloaded into the cache and every file checked against its manifest.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.adapters import is_adapter_dir, load_adapter_model
 
     if model_dir.startswith("s3://"):
         from training.checkpoint_store import S3CheckpointStore
@@ -41,6 +46,10 @@ def load_for_generation(model_dir: str, trust_remote_code: bool = False) -> tupl
         target = default_cache_dir() / "s3-models" / parent[len("s3://"):].replace("/", "_")
         model_dir = str(S3CheckpointStore(parent).download(name, target))
 
+    if is_adapter_dir(model_dir):  # a LoRA run saved with --merge_adapter false
+        model, tokenizer = load_adapter_model(model_dir, trust_remote_code=trust_remote_code)
+        model.eval()
+        return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model.eval()

@@ -22,6 +22,9 @@ the run, warnings are printed.
     record = preflight_record(facts, plan, findings)   # JSON-serialisable: artifact and card
     require_ok(findings)                               # PreflightError listing every error
 
+The memory and disk estimates themselves (what each byte is for) are in
+:mod:`training.memory_estimate`; this module holds the rules that judge them.
+
 Messages use the trainer's flags (``--precision``, ``--deepspeed``,
 ``--per_device_train_batch_size``...), like :func:`training.arguments.find_problems`, so the flow's
 ``in_flow_terms`` renames them to its own parameters and config keys.
@@ -30,7 +33,7 @@ Messages use the trainer's flags (``--precision``, ``--deepspeed``,
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +47,18 @@ from training.arguments import (
     resolve_precision,
     resolve_repo_path,
 )
-
-GIB = 1024**3
-MIB = 1024**2
+from training.memory_estimate import (
+    GIB,
+    MIB,
+    LinearLayers,
+    checkpoint_disk_bytes,
+    estimate_memory,
+    format_gib,
+    linear_layers,
+    memory_options,
+    meta_model,
+    trainable_parameters,
+)
 
 # --- thresholds, each with its reason -----------------------------------------------------------
 
@@ -63,29 +75,6 @@ CONTAINER_DEFAULT_SHM = 64 * MIB
 # (pytorch/tutorials#2475). 1 GiB per GPU keeps that margin at 2-8 GPUs; the GPU presets
 # declare 8 GiB per GPU.
 SHM_PER_GPU = 1 * GIB
-
-# Adam's optimizer state as checkpointed: fp32 master weights (4) + two fp32 moments (8) bytes per
-# parameter. DeepSpeed's *_optim_states.pt shards hold exactly these; a plain Trainer's
-# optimizer.pt holds the 8 bytes of moments next to fp32 weights, the same 12.
-OPTIMIZER_CHECKPOINT_BYTES = 12
-
-# Activations of one transformer layer, in bytes per token per hidden unit, with 16-bit
-# activations: 34 * s*b*h (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-# Transformer Models", eq. 1, without its 5*a*s/h attention-score term: transformers' default
-# SDPA attention uses fused kernels that never store the s x s scores).
-ACTIVATION_BYTES_PER_LAYER = 34
-# With gradient checkpointing each layer keeps only its 16-bit input (2 * s*b*h) and the backward
-# pass recomputes one layer at a time (one more 34 * s*b*h).
-CHECKPOINTED_BYTES_PER_LAYER = 2
-# The LM head's logits and the loss, per token per vocabulary entry: 16-bit logits (2), their
-# fp32 copy for the loss (4) and cross-entropy's saved fp32 log-softmax (4).
-LOGIT_BYTES = 10
-# Over the sum of the estimates: PyTorch's caching allocator holds ~10% more than live tensors
-# (fragmentation), and each process needs a fixed amount besides: CUDA context and kernels
-# (~0.5-1 GiB), NCCL buffers (~0.5 GiB) and DeepSpeed's communication buckets (our ZeRO-2 configs'
-# allgather bucket is 2e8 elements: 0.4 GB in 16-bit, several times that with overlap_comm).
-FRAGMENTATION = 1.10
-FIXED_OVERHEAD = 3 * GIB
 
 WHERE = ("start", "train")
 
@@ -145,6 +134,11 @@ class TrainingPlan:
     num_layers: int | None = None
     vocab_size: int | None = None
     largest_layer_params: int | None = None  # for ZeRO-3's estimate; default vocab * hidden
+    peft: str = "none"  # none (every weight trains), lora, qlora (training.arguments.PEFT_METHODS)
+    lora_r: int = 16
+    lora_target_modules: str = "all-linear"  # as --lora_target_modules spells it
+    merge_adapter: bool = True  # under lora/qlora: the final model is saved merged too (disk)
+    linear_layers: LinearLayers | None = None  # needed under lora/qlora: what LoRA adapts
 
 
 @dataclass(frozen=True)
@@ -316,17 +310,13 @@ def read_zero_settings(deepspeed_config: str) -> tuple[int, bool, bool]:
     return int(zero.get("stage", 0)), offloaded("offload_optimizer"), offloaded("offload_param")
 
 
-def model_size_from_config(config: Any, *, trust_remote_code: bool = False) -> dict[str, int | None]:
+def model_size_from_config(config: Any, *, trust_remote_code: bool = False) -> dict[str, Any]:
     """Parameter counts and shape of a transformers model config, without loading weights.
 
     The model is built on the meta device (no memory, no download beyond the config):
     ``plan_from_args(..., **model_size_from_config(AutoConfig.from_pretrained(name)))``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(config, trust_remote_code=trust_remote_code)
     text = config.get_text_config()
     return {
         "num_parameters": sum(p.numel() for p in model.parameters()),  # tied weights once
@@ -335,6 +325,7 @@ def model_size_from_config(config: Any, *, trust_remote_code: bool = False) -> d
         "hidden_size": getattr(text, "hidden_size", None),
         "num_layers": getattr(text, "num_hidden_layers", None),
         "vocab_size": getattr(text, "vocab_size", None),
+        "linear_layers": linear_layers(model),  # for LoRA's and QLoRA's estimates
     }
 
 
@@ -348,6 +339,7 @@ def plan_from_args(
     num_layers: int | None = None,
     vocab_size: int | None = None,
     largest_layer_params: int | None = None,
+    linear_layers: LinearLayers | None = None,
 ) -> TrainingPlan:
     """The plan of the trainer's parsed arguments (``training.arguments.parse_args``)."""
     stage, offload_optimizer, offload_param = read_zero_settings(train_args.deepspeed)
@@ -368,73 +360,12 @@ def plan_from_args(
         num_layers=num_layers,
         vocab_size=vocab_size,
         largest_layer_params=largest_layer_params,
+        peft=model_args.peft,
+        lora_r=model_args.lora_r,
+        lora_target_modules=model_args.lora_target_modules,
+        merge_adapter=model_args.merge_adapter,
+        linear_layers=linear_layers,
     )
-
-
-# --- the memory estimate ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes one GPU needs for a plan, and host RAM for what ZeRO offloads to the CPU."""
-
-    model_states: int  # weights, gradients, optimizer states on one GPU (DeepSpeed's estimators)
-    activations: int | None  # None: hidden size or layer count unknown
-    logits: int | None  # None: vocabulary size unknown
-    per_gpu: int  # the sum, plus fragmentation and the fixed overhead
-    cpu: int  # host RAM of the node for offloaded states (DeepSpeed's estimate)
-
-    def describe(self) -> str:
-        parts = [f"model states {_gib(self.model_states)}"]
-        parts.append("activations unknown" if self.activations is None else f"activations {_gib(self.activations)}")
-        if self.logits is not None:
-            parts.append(f"logits {_gib(self.logits)}")
-        parts.append(f"+{FRAGMENTATION - 1:.0%} and {_gib(FIXED_OVERHEAD)} overhead")
-        return f"{_gib(self.per_gpu)} per GPU ({', '.join(parts)})"
-
-
-def estimate_memory(plan: TrainingPlan, gpus_per_node: int, num_nodes: int = 1) -> MemoryEstimate:
-    """Per-GPU memory of ``plan`` on ``gpus_per_node`` x ``num_nodes`` GPUs (see the constants)."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    params, gpus = plan.num_parameters, gpus_per_node * num_nodes
-    if plan.zero_stage == 3:
-        largest = plan.largest_layer_params or (plan.vocab_size or 0) * (plan.hidden_size or 0)
-        cpu, states, _ = estimate_zero3_model_states_mem_needs(
-            params, largest, gpus_per_node, num_nodes,
-            cpu_offload=plan.offload_optimizer, cpu_offload_params=plan.offload_param,
-            zero_init=True,  # the trainer builds TrainingArguments first: zero.Init loads shards
-        )
-        resident_weights = 0 if plan.offload_param else params / gpus
-    else:
-        # DeepSpeed's ZeRO-2 accounting: 2 bytes of 16-bit weights on every GPU + 18 bytes/param
-        # sharded (16-bit and fp32 gradients 2 + 4, fp32 weights 4, Adam moments 8).
-        cpu, states = estimate_zero2_model_states_mem_needs(
-            params, gpus_per_node, num_nodes, cpu_offload=plan.offload_optimizer
-        )
-        if plan.zero_stage == 1:  # ZeRO-1 keeps the whole 16-bit gradient on every GPU
-            states += 2 * params - 2 * params // gpus
-        elif plan.zero_stage == 0:  # nothing sharded
-            states = 2 * params + 18 * params
-        resident_weights = params
-    # The estimators assume 16-bit weights on the GPU; fp32 training keeps 4 bytes there.
-    fp32 = plan.precision == "fp32"
-    if fp32:
-        states += int(2 * resident_weights)
-    activations = logits = None
-    tokens = plan.per_device_batch_size * plan.max_seq_length
-    if plan.hidden_size and plan.num_layers:
-        layer = ACTIVATION_BYTES_PER_LAYER * tokens * plan.hidden_size
-        if plan.gradient_checkpointing:
-            activations = plan.num_layers * CHECKPOINTED_BYTES_PER_LAYER * tokens * plan.hidden_size + layer
-        else:
-            activations = plan.num_layers * layer
-        activations *= 2 if fp32 else 1
-    if plan.vocab_size:
-        logits = LOGIT_BYTES * tokens * plan.vocab_size
-    per_gpu = int((states + (activations or 0) + (logits or 0)) * FRAGMENTATION) + FIXED_OVERHEAD
-    return MemoryEstimate(int(states), activations, logits, per_gpu, int(cpu))
 
 
 # --- the rules ----------------------------------------------------------------------------------
@@ -462,10 +393,6 @@ def _error(code: str, message: str) -> Finding:
 
 def _warning(code: str, message: str) -> Finding:
     return Finding("warning", code, message)
-
-
-def _gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
 
 
 def _gpus(n: int) -> str:
@@ -648,35 +575,18 @@ def _shared_memory(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list
     ))]
 
 
-def _weight_bytes(plan: TrainingPlan, cuda: bool) -> int:
-    """Bytes per parameter of the saved weights: 16-bit unless training runs in fp32."""
-    fp32 = plan.precision == "fp32" or (plan.precision == "auto" and not cuda)
-    return 4 if fp32 else 2
-
-
-def checkpoint_disk_bytes(plan: TrainingPlan, *, cuda: bool) -> tuple[int, int]:
-    """(one checkpoint, all the run keeps at its output directory at once), in bytes.
-
-    One checkpoint is the weights in the saving dtype plus 12 bytes/param of optimizer state.
-    ``save_total_limit`` checkpoints stay, plus the one being written before the oldest is
-    deleted (or still hard-linked in the S3 upload staging); then the final model.
-    """
-    weights = plan.num_parameters * _weight_bytes(plan, cuda)
-    one_checkpoint = weights + plan.num_parameters * OPTIMIZER_CHECKPOINT_BYTES
-    return one_checkpoint, (plan.save_total_limit + 1) * one_checkpoint + weights
-
-
 def _disk(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Finding]:
     if facts.disk_free_bytes is None:
         return []
     one, needed = checkpoint_disk_bytes(plan, cuda=bool(facts.gpus))
     if facts.disk_free_bytes >= needed:
         return []
+    trained = "weights" if plan.peft == "none" else "fp32 adapter weights"
     return [_error("disk", (
-        f"{_gib(facts.disk_free_bytes)} free at {facts.output_dir}, and the run needs "
-        f"{_gib(needed)}: {plan.save_total_limit} + 1 checkpoints of {_gib(one)} (weights + 12 "
+        f"{format_gib(facts.disk_free_bytes)} free at {facts.output_dir}, and the run needs "
+        f"{format_gib(needed)}: {plan.save_total_limit} + 1 checkpoints of {format_gib(one)} ({trained} + 12 "
         "bytes/param of Adam state) and the final model. Give the node a bigger disk (or a volume "
-        f"at the output directory), or lower --save_total_limit (each one kept costs {_gib(one)})."
+        f"at the output directory), or lower --save_total_limit (each one kept costs {format_gib(one)})."
     ))]
 
 
@@ -687,71 +597,46 @@ def _memory_fit(facts: HardwareFacts, plan: TrainingPlan, where: str) -> list[Fi
     per_node = facts.gpus_requested
     index, smallest = min(gpus, key=lambda ig: ig[1].total_memory_bytes)
     capacity = smallest.total_memory_bytes
-    which = (f"the preset's GPU ({smallest.name}, {_gib(capacity)})" if where == "start"
-             else f"GPU {index} ({smallest.name}) has {_gib(capacity)}")
+    which = (f"the preset's GPU ({smallest.name}, {format_gib(capacity)})" if where == "start"
+             else f"GPU {index} ({smallest.name}) has {format_gib(capacity)}")
     estimate = estimate_memory(plan, per_node, facts.num_nodes)
     findings = []
     if estimate.per_gpu > capacity:
-        options = _memory_options(plan, per_node, facts.num_nodes, capacity)
+        options = memory_options(plan, per_node, facts.num_nodes, capacity)
         findings.append(_error("gpu-memory", (
-            f"Training does not fit in GPU memory: estimated {estimate.describe()} with "
-            f"{_zero_words(plan)} on {_gpus(per_node * facts.num_nodes)}, batch "
+            f"Training does not fit in GPU memory: estimated {estimate.describe()} for "
+            f"{_method_words(plan)} with {_zero_words(plan)} on {_gpus(per_node * facts.num_nodes)}, batch "
             f"{plan.per_device_batch_size} x {plan.max_seq_length} tokens; {which}. "
             "Options, each on top of the ones before:\n" + "\n".join(options)
         )))
     offloaded = plan.offload_optimizer or plan.offload_param
     if offloaded and facts.host_memory_bytes is not None and estimate.cpu > facts.host_memory_bytes:
         findings.append(_error("cpu-memory", (
-            f"{_zero_words(plan)} needs ~{_gib(estimate.cpu)} of host RAM on each node for what it "
+            f"{_zero_words(plan)} needs ~{format_gib(estimate.cpu)} of host RAM on each node for what it "
             f"keeps there (DeepSpeed's estimate), and "
             f"{'the config declares' if where == 'start' else 'this container has'} "
-            f"{_gib(facts.host_memory_bytes)}. Raise resources.memory (MiB) to "
+            f"{format_gib(facts.host_memory_bytes)}. Raise resources.memory (MiB) to "
             f"{-(-estimate.cpu // MIB)} or more, or offload less if the GPUs have room "
             "(ds_configs/zero3.json keeps everything on them)."
         )))
     return findings
 
 
+def _method_words(plan: TrainingPlan) -> str:
+    """Like "full fine-tuning" or "QLoRA (r=16 on all-linear, 43.6M trainable parameters)"."""
+    if plan.peft == "none":
+        return "full fine-tuning"
+    name = {"lora": "LoRA", "qlora": "QLoRA"}.get(plan.peft, plan.peft)
+    return (f"{name} (r={plan.lora_r} on {plan.lora_target_modules}, "
+            f"{trainable_parameters(plan) / 1e6:,.1f}M trainable parameters)")
+
+
 def _zero_words(plan: TrainingPlan) -> str:
-    """Like "ZeRO-3 (optimizer and parameters offloaded to CPU)" or "ZeRO-2"."""
+    """Like "ZeRO-3 (optimizer and parameters offloaded to CPU)", "ZeRO-2" or "no DeepSpeed"."""
+    if plan.zero_stage == 0 and not plan.deepspeed_config:
+        return "no DeepSpeed"
     parts = [name for name, on in (("optimizer", plan.offload_optimizer), ("parameters", plan.offload_param)) if on]
     return f"ZeRO-{plan.zero_stage}" + (f" ({' and '.join(parts)} offloaded to CPU)" if parts else "")
-
-
-def _memory_options(plan: TrainingPlan, per_node: int, nodes: int, capacity: int) -> list[str]:
-    """The usual remedies in order of cost, each estimated on top of the ones before."""
-    steps: list[tuple[str, TrainingPlan]] = []
-    current = plan
-    if current.zero_stage < 3 and not current.offload_optimizer:
-        current = replace(current, zero_stage=3, deepspeed_config="ds_configs/zero3.json")
-        steps.append(("ZeRO-3, weights sharded too: --deepspeed ds_configs/zero3.json", current))
-    if not (current.zero_stage == 3 and current.offload_optimizer and current.offload_param):
-        current = replace(current, zero_stage=3, offload_optimizer=True, offload_param=True,
-                          deepspeed_config="ds_configs/zero3_offload.json")
-        cpu = estimate_memory(current, per_node, nodes).cpu
-        steps.append(("ZeRO-3 with optimizer and parameters offloaded to CPU: --deepspeed "
-                      f"ds_configs/zero3_offload.json (needs ~{_gib(cpu)} of host RAM per node, "
-                      "resources.memory)", current))
-    batch = current.per_device_batch_size
-    if batch > 1:
-        # The largest smaller batch that divides this one (so the global batch stays the same).
-        smaller = [b for b in range(batch - 1, 0, -1) if batch % b == 0]
-        fitting = [b for b in smaller if estimate_memory(replace(current, per_device_batch_size=b),
-                                                         per_node, nodes).per_gpu <= capacity]
-        new_batch = fitting[0] if fitting else 1
-        accumulation = current.gradient_accumulation_steps * batch // new_batch
-        current = replace(current, per_device_batch_size=new_batch, gradient_accumulation_steps=accumulation)
-        steps.append((f"--per_device_train_batch_size {new_batch} with --gradient_accumulation_steps "
-                      f"{accumulation} (the same global batch)", current))
-    if not current.gradient_checkpointing:
-        current = replace(current, gradient_checkpointing=True)
-        steps.append(("--gradient_checkpointing (activations recomputed: ~30% slower)", current))
-    lines = []
-    for number, (text, option) in enumerate(steps, 1):
-        need = estimate_memory(option, per_node, nodes).per_gpu
-        verdict = "fits" if need <= capacity else "still too much"
-        lines.append(f"  {number}. {text}: {_gib(need)} per GPU, {verdict}")
-    return lines
 
 
 # --- reporting ----------------------------------------------------------------------------------

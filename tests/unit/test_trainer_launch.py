@@ -11,7 +11,7 @@ sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow i
 from trainer_launch import trainer_arguments, training_section_problems  # noqa: E402
 
 FLOW_VALUES = dict(base_model="bundled", dataset="data.jsonl", deepspeed_config="ds_configs/zero2.json", epochs=1.0,
-                   max_steps=-1, learning_rate=1e-4, batch_size=4)
+                   max_steps=-1, learning_rate=1e-4, batch_size=4, peft="none")
 
 
 def test_switches_and_values_reach_the_trainer_parser():
@@ -57,3 +57,48 @@ def test_segments_of_killed_ranks_are_removed_by_launch_port(tmp_path):
         assert not any(p.exists() for p in mine) and other.exists()
     finally:
         other.unlink(missing_ok=True)
+
+
+def test_lora_settings_reach_the_trainer_and_bad_ones_are_named():
+    training = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "lora_target_modules": "q_proj,v_proj",
+                "merge_adapter": False}
+    assert training_section_problems(training) == []
+    argv = trainer_arguments(**{**FLOW_VALUES, "peft": "lora"}, training=training)
+    model_args, _, _ = parse_args(argv)
+    assert (model_args.peft, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == ("lora", 8, 16, 0.1)
+    assert model_args.lora_target_modules == "q_proj,v_proj" and model_args.merge_adapter is False
+    bad = {"lora_r": 0, "lora_alpha": -1, "lora_dropout": 1.0, "lora_target_modules": " , "}
+    problems = find_problems(*parse_args(trainer_arguments(**{**FLOW_VALUES, "peft": "lora"}, training=bad)))
+    assert problems == [
+        "--lora_r: must be a positive rank (8, 16, 64...), got 0.",
+        "--lora_alpha: must be positive (usually 2 x --lora_r), got -1.0.",
+        "--lora_dropout: must be in [0, 1), got 1.0.",
+        "--lora_target_modules: empty; use all-linear or names such as q_proj,v_proj.",
+    ]
+    # Full fine-tuning ignores the LoRA settings; an unknown method is named.
+    assert find_problems(*parse_args(trainer_arguments(**FLOW_VALUES, training=bad))) == []
+    assert find_problems(*parse_args(trainer_arguments(**{**FLOW_VALUES, "peft": "dora"}, training={}))) == [
+        "--peft: 'dora' is not one of none, lora, qlora."]
+
+
+def test_qlora_under_zero3_is_refused_with_the_reason_and_the_fix():
+    values = {**FLOW_VALUES, "peft": "qlora", "deepspeed_config": "ds_configs/zero3.json"}
+    problems = find_problems(*parse_args(trainer_arguments(**values, training={})))
+    assert len(problems) == 1 and problems[0].startswith("--peft qlora cannot run under ZeRO-3")
+    assert "ds_configs/zero2.json" in problems[0] and "--peft lora with ZeRO-3" in problems[0]
+    values["deepspeed_config"] = "ds_configs/zero2.json"
+    assert find_problems(*parse_args(trainer_arguments(**values, training={}))) == []
+
+
+def test_target_modules_the_model_lacks_are_listed_with_the_ones_it_has(tiny_model_dir):
+    from training.adapters import peft_problems
+
+    argv = trainer_arguments(**{**FLOW_VALUES, "peft": "lora", "base_model": str(tiny_model_dir)},
+                             training={"lora_target_modules": "q_proj,query_key_value"})
+    model_args, _, _ = parse_args(argv)
+    assert peft_problems(model_args, str(tiny_model_dir)) == [
+        f"--lora_target_modules: query_key_value not in {tiny_model_dir}; its linear layers are "
+        "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or use all-linear)."
+    ]
+    model_args.lora_target_modules = "all-linear"
+    assert peft_problems(model_args, str(tiny_model_dir)) == []
