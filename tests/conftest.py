@@ -42,8 +42,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def build_tiny_model(out_dir: Path, *, vocab_size: int = 400) -> Path:
-    """A 2-layer random Llama and a byte-level BPE tokenizer trained on the shipped sample."""
+def build_tiny_model(out_dir: Path, *, vocab_size: int = 400, hidden_size: int = 32, tied: bool = True) -> Path:
+    """A 2-layer random Llama and a byte-level BPE tokenizer trained on the shipped sample.
+
+    ``hidden_size`` 64 or more for QLoRA: bitsandbytes' CPU kernels quantize rows in blocks of 64.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -61,15 +64,15 @@ def build_tiny_model(out_dir: Path, *, vocab_size: int = 400) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
 
     import torch

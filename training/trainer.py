@@ -271,7 +271,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     trainable, parameters = trainable_parameters(model)
     _log(f"model {model_args.base_model} ({model_path}): {parameters / 1e6:.2f}M parameters, {precision}"
          + (f"; {model_args.peft}: {trainable / 1e6:.3f}M trainable ({trainable / parameters:.2%})"
-            if model_args.peft != "none" else ""))
+            if model_args.peft != "none" else "")
+         + ("; frozen base weights in 4-bit NF4" if quantized else ""))
 
     preemption = PreemptionWatch(train_args.preemption_grace_s)
     # The metrics stream the flow's live card reads (rank 0 writes it); it comes first so that
