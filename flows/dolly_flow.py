@@ -197,7 +197,7 @@ class DollyFlow(FlowSpec):
         """Every check of `start`, shared with DollyMultiNodeFlow: raises InvalidRunInputs."""
         from training.adapters import peft_problems
         from training.arguments import find_problems, parse_args
-        from training.base_model import BaseModelError, resolve_base_model
+        from training.base_model import BaseModelError, check_base_model, resolve_base_model
         from training.checkpoint_store import CheckpointStoreError
         from training.dataset import DatasetError, load_instruction_data
         from training.evaluation import (
@@ -248,7 +248,9 @@ class DollyFlow(FlowSpec):
         except DatasetError as err:
             problems.append(str(err))
         resolved_model = model_args.base_model
-        if not problems:  # resolving may convert the bundled model: only worth it if all else is fine
+        # Resolving may convert the bundled model (~30 s once): only worth it if all else is fine.
+        # Another model resolves at once and its layers are checked with the other inputs.
+        if not check_base_model(model_args.base_model) and (not problems or not model_args.base_model.startswith("bundled:")):
             try:
                 resolved_model = resolve_base_model(model_args.base_model)
             except BaseModelError as err:

@@ -74,6 +74,36 @@ def test_a100x4_preset_compiles_to_four_gpus_shm_image_node_pool_and_retries(s3_
         assert (steps[name]["container"]["resources"]["requests"]["cpu"], "retryStrategy" in steps[name]) == ("1", False)
 
 
+@pytest.mark.parametrize(("preset", "peft", "node_pool"), [
+    ("a10x1-qlora", "qlora", "NVIDIA-A10"),
+    ("a100x1-lora", "lora", "NVIDIA-A100-SXM4-80GB"),
+])
+def test_single_gpu_adapter_presets_compile_to_one_gpu_and_their_peft(preset, peft, node_pool, s3_env,
+                                                                      s3_bucket_name, tmp_path):
+    result = argo_json(preset_with_image(preset, tmp_path), s3_env, s3_bucket_name, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = templates(result.stdout)["train"]
+    container = train["container"]
+    config = json.loads((REPO / "flows" / "configs" / f"{preset}.json").read_text())
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" == str(config["resources"]["gpu"])
+    requests = container["resources"]["requests"]
+    assert float(requests["cpu"]) == config["resources"]["cpu"]
+    assert float(requests["memory"].removesuffix("M")) == config["resources"]["memory"]
+    # Room on the node's disk for the 16 GB base model download, checkpoints and the output.
+    assert float(requests["ephemeral-storage"].removesuffix("M")) == config["kubernetes"]["train"]["disk"]
+    assert container["image"] == IMAGE
+    assert train["nodeSelector"] == {"nvidia.com/gpu.product": node_pool}
+    assert train["retryStrategy"]["limit"] == config["retries"]
+    # One GPU: no NCCL between GPUs, so no /dev/shm volume beyond the container's default.
+    assert not [v for v in train.get("volumes", []) if v.get("emptyDir", {}).get("sizeLimit")]
+    # The trainer's flags are built in start; what the deployment fixes is the flow parameters'
+    # defaults: --peft from the preset, and no DeepSpeed.
+    workflow = json.loads(result.stdout[result.stdout.index("{"):])
+    defaults = {p["name"]: p.get("value") for p in workflow["spec"]["arguments"]["parameters"]}
+    assert json.loads(defaults["peft"]) == peft
+    assert json.loads(defaults["deepspeed-config"]) == ""
+
+
 def test_command_line_image_wins_over_the_config(s3_env, s3_bucket_name, tmp_path):
     other = "registry.example.com/ml/dolly-debug:1"
     config = REPO / "flows" / "configs" / "a10x1.json"  # the placeholder image: overridden here

@@ -86,17 +86,23 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
              "nothing.jsonl does not exist"],
         ),
         # A typo in the config's training section is an error, not a silently ignored setting.
-        "row without a response, unknown config key": (
-            write_config(tiny_config, tmp, gradient_checkpoint=True),
-            ["--dataset", str(no_response)],
+        "row without a response, unknown config key, LoRA settings": (
+            write_config(tiny_config, tmp, gradient_checkpoint=True, lora_r=0,
+                         lora_target_modules="q_proj,query_key_value"),
+            ["--dataset", str(no_response), "--peft", "qlora", "--deepspeed-config", "ds_configs/zero3.json"],
             ["noresp.jsonl line 2: no 'response' (Dolly schema) or 'output'",
-             "unknown key 'gradient_checkpoint'. Did you mean 'gradient_checkpointing'?"],
+             "unknown key 'gradient_checkpoint'. Did you mean 'gradient_checkpointing'?",
+             "config training.lora_r: must be a positive rank (8, 16, 64...), got 0.",
+             "config training.lora_target_modules: query_key_value not in ",
+             "its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or use all-linear)",
+             "--peft qlora cannot run under ZeRO-3 (--deepspeed-config ds_configs/zero3.json)"],
         ),
     }
 
 
 @pytest.mark.parametrize("case", ["missing data, numbers, model, DeepSpeed, instructions",
-                                  "malformed JSON, missing instructions", "row without a response, unknown config key"])
+                                  "malformed JSON, missing instructions",
+                                  "row without a response, unknown config key, LoRA settings"])
 def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, case):
     config, args, expected = bad_input_runs(tiny_config, tmp_path)[case]
     returncode, output = run_flow(config, flow_home, *args)

@@ -22,6 +22,7 @@ from tests.conftest import (
     metaflow_runner,
     of_type,
     python_env,
+    run_bounded,
     started,
     wait_for_exit,
     wait_for_output,
@@ -258,9 +259,11 @@ KILLED_RUN = {"max_steps": 60, "save_steps": 12, "save_total_limit": 2, "logging
 STEPS_PER_EPOCH = 12
 
 
-def test_killed_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, uninterrupted, flow_home, s3_flow_env,
-                                                                 s3_bucket_name, tmp_path):
-    config = write_config(tiny_config, tmp_path, **KILLED_RUN, retries=1)
+def test_killed_lora_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, uninterrupted, flow_home,
+                                                                      s3_flow_env, s3_bucket_name, tmp_path):
+    """A LoRA run (`resume` below covers full fine-tuning) killed after checkpoint-24 continues
+    from it on @retry; its checkpoints are adapters; `generate --run` answers with the model."""
+    config = write_config(tiny_config, tmp_path, **KILLED_RUN, retries=1, peft="lora", learning_rate=5e-3)
     segments_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     with trainer_killed_after(s3_bucket_name, "checkpoint-24", str(flow_home)) as killed, metaflow_runner(
         str(FLOW), show_output=False, env=s3_flow_env, cwd=str(flow_home), config=[("config", config)]
@@ -277,9 +280,28 @@ def test_killed_trainer_is_retried_from_the_last_valid_checkpoint(tiny_config, u
     train = run["train"].task
     assert train.current_attempt == 1
     assert run["end"].task.data.training_metrics["global_step"] == 60
+    # LoRA starts as the base model itself (its B matrices are zero): the same base figures.
     assert_whole_run(run, uninterrupted, max_steps=60, steps_per_epoch=STEPS_PER_EPOCH)
     # The killed rank could not remove its 66 MB /dev/shm segment; the train task did.
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= segments_before
+
+    metrics = run["end"].task.data.training_metrics
+    assert metrics["peft"] == "lora" and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    # Adapter checkpoints: adapter weights and their optimizer state, no copy of the base model.
+    manifest = train.data.checkpoint_manifest
+    model_bytes = sum(f["size"] for f in manifest["model"]["files"] if f["path"] == "model.safetensors")
+    for name, checkpoint in manifest["checkpoints"].items():
+        paths = {f["path"] for f in checkpoint["files"]}
+        assert "adapter_model.safetensors" in paths and "model.safetensors" not in paths, (name, sorted(paths))
+        assert sum(f["size"] for f in checkpoint["files"] if f["path"].startswith("adapter")) < model_bytes / 2
+    # The model in S3: merged (what serving stacks load) and the adapter beside it.
+    assert {"model.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= {
+        f["path"] for f in manifest["model"]["files"]}
+    answer = run_bounded([sys.executable, "-m", "training.generate", "--run", f"DollyFlow/{run.id}",
+                          "--max-new-tokens", "6", "Name a color."],
+                         cwd=flow_home, env={**s3_flow_env, "DOLLY_CACHE_DIR": str(tmp_path / "cache")}, timeout=300)
+    assert answer.returncode == 0, answer.stdout[-2000:] + answer.stderr[-3000:]
+    assert f"[model of run DollyFlow/{run.id}: {run['end'].task.data.model_location}]" in answer.stdout
 
 
 def test_sigterm_to_the_train_task_checkpoints_to_s3(tiny_config, flow_home, s3_flow_env, s3_bucket_name, tmp_path):

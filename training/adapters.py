@@ -80,8 +80,15 @@ def peft_problems(model_args: Any, model_path: str) -> list[str]:
         problems.append("--peft qlora needs the bitsandbytes package: pip install 'bitsandbytes>=0.46' "
                         "(the GPU image has it), or use --peft lora.")
     targets = lora_target_modules(model_args.lora_target_modules)
-    if targets != "all-linear" and targets and (problem := missing_targets(
-            _meta_model(model_path, model_args.trust_remote_code), targets, model_args.base_model)):
+    if targets == "all-linear" or not targets:
+        return problems
+    try:
+        model = _meta_model(model_path, model_args.trust_remote_code)
+    except OSError:
+        # A hub model's config out of reach from here (a laptop without hub access): the
+        # trainer checks the same names when it loads the model, before training.
+        return problems
+    if problem := missing_targets(model, targets, model_args.base_model):
         problems.append(problem)
     return problems
 

@@ -293,7 +293,7 @@ def _trained_states(
 def _frozen_base(plan: TrainingPlan, gpus: int) -> tuple[int, int]:
     """(GPU bytes on each GPU, host bytes in all) of the frozen base model under lora/qlora: no
     gradients, no optimizer state, no fp32 master copy, only the weights."""
-    weight_bytes = 4 if plan.precision == "fp32" else 2
+    weight_bytes = _frozen_weight_bytes(plan)
     if plan.peft == "qlora":
         # The linear layers in NF4, the rest (embeddings, LM head, norms, biases) in 16 bits, one
         # matrix dequantized at a time. Every GPU holds it all: the trainer refuses QLoRA under
@@ -306,6 +306,15 @@ def _frozen_base(plan: TrainingPlan, gpus: int) -> tuple[int, int]:
     if plan.zero_stage == 3:  # ZeRO-3 shards frozen weights like the others (or offloads them)
         return (0, base) if plan.offload_param else (base // gpus, 0)
     return base, 0
+
+
+def _frozen_weight_bytes(plan: TrainingPlan) -> int:
+    """Bytes per frozen 16-bit-or-wider weight on the GPU. The trainer loads the base in bf16
+    under bf16, in fp32 under fp16 (mixed precision keeps fp32 weights) and fp32; DeepSpeed's
+    engine then casts the module to its 16-bit type. "auto" is taken as bf16 (what it picks on
+    GPUs of compute capability 8.0+)."""
+    no_deepspeed = plan.zero_stage == 0 and not plan.deepspeed_config
+    return 4 if plan.precision == "fp32" or (plan.precision == "fp16" and no_deepspeed) else 2
 
 
 # --- what to change when it does not fit ---------------------------------------------------------
@@ -383,7 +392,7 @@ def _adapter_options(plan: TrainingPlan, per_node: int, nodes: int, capacity: in
         need = estimate_memory(option, per_node, nodes).per_gpu
         trained = trainable_parameters(option) / 1e6
         lines.append(
-            f"  - {' with '.join(words)}: {format_gib(need)} per GPU, {_verdict(need, capacity)} "
+            f"  - {' and '.join(words)}: {format_gib(need)} per GPU, {_verdict(need, capacity)} "
             f"({trained:,.1f}M trainable parameters)"
         )
     return lines

@@ -13,18 +13,15 @@ import torch
 
 from tests.conftest import REPO
 from training.arguments import parse_args
+from training.memory_estimate import GIB, MIB, checkpoint_disk_bytes, estimate_memory
 from training.preflight import (
-    GIB,
-    MIB,
     Finding,
     GpuFacts,
     HardwareFacts,
     PreflightError,
     TrainingPlan,
     check,
-    checkpoint_disk_bytes,
     declared_facts,
-    estimate_memory,
     format_findings,
     gather_facts,
     model_size_from_config,
