@@ -55,23 +55,13 @@ def quantization_config(compute_dtype: Any) -> Any:
     )
 
 
-def linear_layer_names(model: Any) -> list[str]:
-    """Leaf names of the model's linear layers that LoRA can target (q_proj, ..., not the head)."""
-    import torch
-
-    head = model.get_output_embeddings()
-    names = set()
-    for name, module in model.named_modules():
-        # bitsandbytes' Linear4bit is a torch.nn.Linear subclass: QLoRA models list the same names.
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
-
-
 def peft_problems(model_args: Any, model_path: str) -> list[str]:
     """What stops ``--peft`` on this model here, found without loading weights: target modules
     the model does not have (with the names it has), QLoRA without bitsandbytes."""
+    from transformers import AutoConfig
+
     from training.arguments import lora_target_modules
+    from training.memory_estimate import meta_model
 
     if model_args.peft == "none":
         return []
@@ -83,11 +73,12 @@ def peft_problems(model_args: Any, model_path: str) -> list[str]:
     if targets == "all-linear" or not targets:
         return problems
     try:
-        model = _meta_model(model_path, model_args.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_args.trust_remote_code)
     except OSError:
         # A hub model's config out of reach from here (a laptop without hub access): the
         # trainer checks the same names when it loads the model, before training.
         return problems
+    model = meta_model(config, trust_remote_code=model_args.trust_remote_code)
     if problem := missing_targets(model, targets, model_args.base_model):
         problems.append(problem)
     return problems
@@ -95,22 +86,14 @@ def peft_problems(model_args: Any, model_path: str) -> list[str]:
 
 def missing_targets(model: Any, targets: list[str], model_name: str) -> str | None:
     """The problem with target module names the model does not have, listing those it has."""
-    available = linear_layer_names(model)
+    from training.memory_estimate import linear_layers
+
+    available = sorted(linear_layers(model).in_features)
     missing = [name for name in targets if name not in available]
     if not missing:
         return None
     return (f"--lora_target_modules: {', '.join(missing)} not in {model_name}; its linear layers "
             f"are {', '.join(available)} (or use all-linear).")
-
-
-def _meta_model(model_path: str, trust_remote_code: bool) -> Any:
-    """The model's module tree on the meta device: its layers, no weights loaded or allocated."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def _module_name(model: Any, module: Any) -> str:
@@ -211,7 +194,7 @@ def _gather_token_rows_under_zero3(peft_model: Any) -> None:
                 register_external_parameter(module, rows)
 
 
-def trainable_parameters(model: Any) -> tuple[int, int]:
+def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, all) parameter counts; ZeRO-3 shards report their full size (ds_numel)."""
     trainable = total = 0
     for parameter in model.parameters():

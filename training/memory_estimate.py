@@ -8,7 +8,7 @@ source in a comment, so a wrong one is easy to find:
     from training.memory_estimate import estimate_memory, memory_options
 
     estimate = estimate_memory(plan, gpus_per_node=1)   # plan: training.preflight.TrainingPlan
-    print(estimate.describe())                          # "18.3 GiB per GPU (model states ...)"
+    print(estimate.describe())                          # "19.2 GiB per GPU (model states ...)"
     if estimate.per_gpu > capacity:
         print("\\n".join(memory_options(plan, 1, 1, capacity)))
 
@@ -177,6 +177,8 @@ def trainable_parameters(plan: TrainingPlan) -> int:
 
 def _layers(plan: TrainingPlan) -> LinearLayers:
     if plan.linear_layers is None:
+        if plan.num_parameters == 0:  # the model's size is unknown (its config unreadable here)
+            return LinearLayers({}, {}, 0, 0)
         raise ValueError(
             f"--peft {plan.peft}: the plan does not know the model's linear layers. Build it with "
             "plan_from_args(..., **model_size_from_config(config)), which reads them."

@@ -31,9 +31,9 @@ from typing import Any
 from training.adapters import (
     ADAPTER_DIR,
     apply_lora,
+    count_parameters,
     quantization_config,
     save_merged,
-    trainable_parameters,
 )
 from training.arguments import (
     DataArguments,
@@ -268,7 +268,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     order = "length-grouped" if train_args.group_by_length else "random"
     layout = "packed into one row" if train_args.packing else "padded to the longest row"
     _log(f"batches: {order} order, {layout}; {model.config._attn_implementation} attention")
-    trainable, parameters = trainable_parameters(model)
+    trainable, parameters = count_parameters(model)
     _log(f"model {model_args.base_model} ({model_path}): {parameters / 1e6:.2f}M parameters, {precision}"
          + (f"; {model_args.peft}: {trainable / 1e6:.3f}M trainable ({trainable / parameters:.2%})"
             if model_args.peft != "none" else "")
@@ -398,6 +398,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "parameters": parameters,
         # The newest checkpoint on this node's disk (model or adapter, optimizer and trainer state).
         "checkpoint_bytes": _newest_checkpoint_bytes(output_dir / "checkpoints"),
+        # This rank's peak so far: GPU memory the tensors took, else (CPU) the process's resident set.
+        "peak_memory_bytes": _peak_memory_bytes(cuda),
     }
     if uploader is not None:
         uploader.close()
@@ -446,6 +448,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 def _bytes_in(directory: Path, exclude: tuple[str, ...] = ()) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*")
                if f.is_file() and f.relative_to(directory).parts[0] not in exclude)
+
+
+def _peak_memory_bytes(cuda: bool) -> int:
+    import resource
+
+    import torch
+
+    if cuda:
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _newest_checkpoint_bytes(checkpoints: Path) -> int | None:

@@ -194,10 +194,10 @@ def test_bumped_pyproject_range_without_the_lock_fails(tmp_path):
 
 
 def test_new_pyproject_dependency_without_a_pin_fails(tmp_path):
-    pyproject = copy_of(PYPROJECT, tmp_path, '"psutil>=5.9",', '"psutil>=5.9",\n    "peft>=0.13",')
+    pyproject = copy_of(PYPROJECT, tmp_path, '"psutil>=5.9",', '"psutil>=5.9",\n    "trl>=1.0",')
     problems = lock_problems(pyproject, LOCK)
     assert len(problems) == 1, problems
-    assert problems[0].startswith("peft: ") and "add peft==<version>" in problems[0]
+    assert problems[0].startswith("trl: ") and "add trl==<version>" in problems[0]
 
 
 def test_platform_marker_excludes_a_dependency_from_the_image(tmp_path):

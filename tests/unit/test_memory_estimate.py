@@ -32,6 +32,7 @@ from training.preflight import (
     format_findings,
     model_size_from_config,
     plan_from_args,
+    preflight_record,
 )
 
 sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow imports them
@@ -204,6 +205,10 @@ def test_peft_without_the_models_layers_names_the_fix():
     plan = TrainingPlan(num_parameters=10**9, peft="lora")
     with pytest.raises(ValueError, match=r"--peft lora: .*model_size_from_config"):
         estimate_memory(plan, 1)
+    # The flow's plan when the model's config cannot be read (no hub): size 0, nothing to count.
+    unknown = TrainingPlan(num_parameters=0, peft="qlora")
+    facts = node(A10)
+    assert preflight_record(facts, unknown, check(facts, unknown, where="train"))["ok"]
 
 
 # --- the estimate ---------------------------------------------------------------------------------
