@@ -31,10 +31,12 @@ if [ "${1:-}" = "wheels" ]; then
     set -e
     # Pure-Python wheels, any platform; versions as in environments/requirements-gpu.lock.
     pin() { grep -i "^$1==" environments/requirements-gpu.lock | head -1 | cut -d" " -f1; }
+    # bitsandbytes (QLoRA) is a 43 MB wheel: BNB=1 adds it, for an image without it.
     for name in metaflow datasets transformers dill multiprocess hjson pydantic pydantic-core annotated-types \
-            typing-inspection; do
+            typing-inspection peft ${BNB:+bitsandbytes}; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
-            --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl "$(pin "$name")"
+            --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 --platform any \
+            -d .whl "$(pin "$name")"
     done
     # DeepSpeed: an sdist; its wheel is pure Python when no op is prebuilt (they JIT on the GPU).
     DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl "$(pin deepspeed)"
@@ -81,4 +83,6 @@ part gpu-tests 300 "$PYTHON" -m pytest -q -ra -p no:cacheprovider -m gpu tests/g
 # a GPU the steps take milliseconds and start-up dominates. Room for a machine 3x slower.
 part gpu-profile-overhead 300 "$PYTHON" benchmarks/gpu_profile_overhead.py --steps "${OVERHEAD_STEPS:-400}"
 part gpu-mfu 300 "$PYTHON" benchmarks/gpu_mfu.py
+# Full fine-tuning, LoRA and QLoRA side by side on the bundled model (QLoRA needs bitsandbytes).
+part lora-vs-full 420 "$PYTHON" benchmarks/lora_vs_full.py --methods none lora qlora --lora_learning_rate 1e-3
 cat "$SUMMARY"

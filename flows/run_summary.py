@@ -37,6 +37,20 @@ def _change(before: float | None, after: float | None, fmt: str) -> str:
     return f"{format(before, fmt)} → {format(after, fmt)}"
 
 
+def _method(metrics: dict[str, Any]) -> str:
+    """Full fine-tuning, or LoRA/QLoRA with its settings, the trainable share and the adapter."""
+    peft, lora = metrics.get("peft", "none"), metrics.get("lora")
+    trainable = f"{metrics.get('trainable_parameters', 0) / 1e6:,.2f}M of {metrics.get('parameters', 0) / 1e6:,.2f}M parameters trained"
+    if peft == "none" or not lora:
+        return f"full fine-tuning ({trainable})"
+    base = "4-bit NF4 base (QLoRA)" if peft == "qlora" else "frozen base"
+    kept = "merged model, adapter in adapter/" if lora["merged"] else "adapter only"
+    return (f"{'QLoRA' if peft == 'qlora' else 'LoRA'} r={lora['r']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g} "
+            f"on {lora['target_modules']} + the Dolly keys' embedding rows, {base}: {trainable} "
+            f"({metrics['trainable_parameters'] / metrics['parameters']:.1%}); adapter "
+            f"{metrics.get('adapter_bytes', 0) / 1e6:.1f} MB ({kept})")
+
+
 def summary_components(*, pathspec: str, config: dict[str, Any], metrics: dict[str, Any],
                        evaluation: list[dict[str, Any]], model_location: str) -> list:
     """Card components for a finished run (artifacts of ``start`` and ``train``)."""
@@ -53,6 +67,7 @@ def summary_components(*, pathspec: str, config: dict[str, Any], metrics: dict[s
                  f"fingerprint {metrics['dataset_fingerprint'][:12]}"],
         ["Preset", f"{config['preset']}: {config['resources'].get('gpu') or 0} GPU(s), "
                    f"{config['resources'].get('cpu')} CPUs, {config['resources'].get('memory')} MB"],
+        ["Method", _method(metrics)],
         ["DeepSpeed", config.get("deepspeed_config") or "off"],
         ["Precision, ranks", f"{metrics['precision']}, {ranks}"],
         ["Schedule", f"{metrics['global_step']} steps, {metrics['epochs']:.2f} epochs, lr {training['learning_rate']:g}, "

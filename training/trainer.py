@@ -394,6 +394,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "total_runtime_s": time.time() - started,  # this attempt, start-up included
         "resumed_from_step": start_step,
         "peft": model_args.peft,
+        "lora": ({"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
+                  "target_modules": model_args.lora_target_modules, "merged": model_args.merge_adapter}
+                 if model_args.peft != "none" else None),
         "trainable_parameters": trainable,
         "parameters": parameters,
         # The newest checkpoint on this node's disk (model or adapter, optimizer and trainer state).

@@ -66,3 +66,29 @@ def test_packed_flash_attention_run_matches_the_padded_sdpa_run(tiny_model_dir, 
     packed = run("packed", "--attn_implementation", "flash_attention_2", "--packing")
     assert packed["eval_loss_before"] == pytest.approx(padded["eval_loss_before"], rel=2e-2)  # bf16 kernels differ
     assert packed["train_loss"] == pytest.approx(padded["train_loss"], rel=2e-2)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_and_qlora_on_cuda(method, tmp_path):
+    """LoRA, and QLoRA's 4-bit NF4 base on the GPU (bf16 compute where the GPU has it)."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", hidden_size=64)
+    out = tmp_path / "out"
+    result = run_bounded(
+        [sys.executable, "-m", "training.trainer", "--base_model", str(model), "--dataset", "bundled:dolly-sample",
+         "--sample_fraction", "0.2", "--output_dir", str(out), "--peft", method, "--max_steps", "6",
+         "--learning_rate", "5e-3", "--eval_max_new_tokens", "8", "--cache_dir", str(tmp_path / "cache")],
+        cwd=REPO, env=python_env(cuda=True), timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["peft"] == method and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics["precision"] in ("bf16", "fp16")  # auto precision on CUDA: it ran on the GPU
+    if method == "qlora":
+        assert "frozen base weights in 4-bit NF4" in result.stdout
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # the merged model

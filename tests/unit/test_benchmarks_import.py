@@ -23,7 +23,7 @@ def load(name: str):
 
 
 @pytest.mark.parametrize("name", ["trainer_vs_bare_loop", "startup_and_flow_overhead", "gpu_mfu",
-                                  "gpu_profile_overhead", "checkpoint_upload"])
+                                  "gpu_profile_overhead", "checkpoint_upload", "lora_vs_full"])
 def test_benchmark_imports(name):
     assert callable(load(name).main)
 
