@@ -126,3 +126,33 @@ def test_lora_under_zero3_on_two_cpu_ranks(untied_model_dir, tmp_path):
     base_bytes = (untied_model_dir / "model.safetensors").stat().st_size
     model_states = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*model_states.pt"))
     assert 0 < model_states < base_bytes, (model_states, base_bytes)
+
+
+def test_qlora_gradients_stay_right_after_an_evaluation_on_cpu(untied_model_dir):
+    """bitsandbytes repacks 4-bit weights for CPU inference at the first forward pass without
+    gradients; the backward pass then went wrong (QLoRA's loss rose). The gradient through the
+    4-bit layers is the same before and after an evaluation."""
+    import torch
+
+    from training.adapters import apply_lora, quantization_config
+    from training.arguments import ModelArguments
+    from training.base_model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(untied_model_dir))
+    model = load_model(str(untied_model_dir), tokenizer, dtype=torch.float32,
+                       quantization=quantization_config(torch.float32))
+    model = apply_lora(model, tokenizer, ModelArguments(base_model=str(untied_model_dir), peft="qlora",
+                                                        lora_dropout=0.0), quantized=True)
+    ids = tokenizer(["Name three primary colors: red, yellow and blue."], return_tensors="pt")["input_ids"]
+
+    def input_gradient() -> torch.Tensor:
+        model.train()
+        embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeddings, labels=ids).loss.backward()
+        return embeddings.grad
+
+    before = input_gradient()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert torch.allclose(input_gradient(), before, rtol=1e-4, atol=1e-7)
