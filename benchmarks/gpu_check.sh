@@ -84,5 +84,6 @@ part gpu-tests 300 "$PYTHON" -m pytest -q -ra -p no:cacheprovider -m gpu tests/g
 part gpu-profile-overhead 300 "$PYTHON" benchmarks/gpu_profile_overhead.py --steps "${OVERHEAD_STEPS:-400}"
 part gpu-mfu 300 "$PYTHON" benchmarks/gpu_mfu.py
 # Full fine-tuning, LoRA and QLoRA side by side on the bundled model (QLoRA needs bitsandbytes).
-part lora-vs-full 420 "$PYTHON" benchmarks/lora_vs_full.py --methods none lora qlora --lora_learning_rate 1e-3
+part lora-vs-full 420 "$PYTHON" benchmarks/lora_vs_full.py --methods none lora qlora --lora_learning_rate 1e-3 \
+    --require-gpu
 cat "$SUMMARY"

@@ -95,7 +95,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="Full fine-tuning's (the preset's).")
     parser.add_argument("--lora_learning_rate", type=float, default=LOCAL_CPU["training"]["learning_rate"],
                         help="LoRA's and QLoRA's; default: the same as full fine-tuning.")
+    parser.add_argument("--require-gpu", action="store_true",
+                        help="Stop at once without a CUDA GPU (benchmarks/gpu_check.sh measures the GPU).")
     args = parser.parse_args(argv)
+    if args.require_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--require-gpu: no CUDA GPU here (torch.cuda.is_available() is False). "
+                             "Nothing was measured; run without --require-gpu for the CPU figures.")
     with tempfile.TemporaryDirectory(prefix="lora-vs-full-") as tmp:
         results = {}
         for method in args.methods:

@@ -93,12 +93,13 @@ def test_lora_trains_adapters_and_the_key_rows_only_and_saves_adapter_and_merged
     assert_only_key_rows_trained(out, untied_model_dir)
 
 
-def test_qlora_on_cpu_saves_the_adapter_alone_and_generate_puts_it_on_its_base(untied_model_dir, tmp_path):
+def test_packed_qlora_on_cpu_saves_the_adapter_alone_and_generate_puts_it_on_its_base(untied_model_dir, tmp_path):
     out = tmp_path / "out"
     stdout = train(["--base_model", str(untied_model_dir), "--dataset", "bundled:dolly-sample",
                     "--sample_fraction", "0.2", "--output_dir", str(out), "--peft", "qlora", "--max_steps", "4",
-                    "--learning_rate", "5e-3", "--merge_adapter", "false", "--eval_instructions", "none"], tmp_path)
-    assert "frozen base weights in 4-bit NF4" in stdout
+                    "--learning_rate", "5e-3", "--merge_adapter", "false", "--eval_instructions", "none",
+                    "--packing", "true"], tmp_path)
+    assert "frozen base weights in 4-bit NF4" in stdout and "packed into one row" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["peft"] == "qlora" and metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()

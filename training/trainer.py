@@ -253,11 +253,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                        device=args.local_process_index if cuda else None)
     if model_args.gradient_checkpointing:
         model.config.use_cache = False
-    if model_args.peft != "none":
-        try:
-            model = apply_lora(model, tokenizer, model_args, quantized=quantized)
-        except ValueError as err:
-            raise SystemExit(f"Cannot train: {err}") from None
     if train_args.packing:
         try:
             collator = packing_collator(model)  # refuses attention that would mix the sequences
@@ -265,6 +260,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             raise SystemExit(f"Cannot train: {err}") from None
     else:
         collator = PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else None)
+    # After the collator: packing checks the model's own attention code, not peft's wrapper.
+    if model_args.peft != "none":
+        try:
+            model = apply_lora(model, tokenizer, model_args, quantized=quantized)
+        except ValueError as err:
+            raise SystemExit(f"Cannot train: {err}") from None
     order = "length-grouped" if train_args.group_by_length else "random"
     layout = "packed into one row" if train_args.packing else "padded to the longest row"
     _log(f"batches: {order} order, {layout}; {model.config._attn_implementation} attention")

@@ -77,10 +77,11 @@ def test_gpu_check_script_runs_every_part_and_writes_a_summary(tmp_path):
                                         WHEELS=str(tmp_path / "no-wheels")))
     assert result.returncode == 0, result.stdout + result.stderr
     summary = {line.split()[0]: int(line.split()[2]) for line in (out / "summary.txt").read_text().splitlines()}
-    assert list(summary) == ["versions", "gpu-tests", "gpu-profile-overhead", "gpu-mfu"]
+    assert list(summary) == ["versions", "gpu-tests", "gpu-profile-overhead", "gpu-mfu", "lora-vs-full"]
     assert summary["gpu-tests"] == 0 and "skipped" in (out / "gpu-tests.txt").read_text()
     assert summary["gpu-profile-overhead"] == 0
     assert summary["gpu-mfu"] == 1 and "no CUDA GPU here" in (out / "gpu-mfu.txt").read_text()
+    assert summary["lora-vs-full"] == 1 and "no CUDA GPU here" in (out / "lora-vs-full.txt").read_text()
     versions = (out / "versions.txt").read_text()
     # What this machine has: the preflight's facts and pip's list name the installed versions.
     try:
