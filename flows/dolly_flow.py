@@ -14,6 +14,7 @@ Steps:
 Run it:
     python flows/dolly_flow.py run                                   # bundled model + data, CPU
     python flows/dolly_flow.py run --epochs 2 --learning-rate 1e-4
+    python flows/dolly_flow.py run --peft lora --learning-rate 1e-3   # LoRA adapters, frozen base
     python flows/dolly_flow.py --config config flows/configs/a100x4.json run --with kubernetes
     python flows/dolly_flow.py run --help                            # every parameter
 """

@@ -8,6 +8,11 @@ Runs on its own, without Metaflow:
     # one CPU rank under DeepSpeed ZeRO-2 (what the flow does on a machine without a GPU)
     deepspeed --num_gpus 1 --module training.trainer --deepspeed ds_configs/zero2.json
 
+    # LoRA on the bundled default; QLoRA (4-bit NF4 base) for an 8B model on one 24 GB GPU
+    python -m training.trainer --peft lora --learning_rate 1e-3 --output_dir outputs/lora
+    python -m training.trainer --peft qlora --base_model Qwen/Qwen3-8B-Base --precision bf16 \\
+        --gradient_checkpointing true --merge_adapter false --dataset databricks/databricks-dolly-15k
+
     # Dolly v2 itself on 4 GPUs (hub access needed)
     deepspeed --num_gpus 4 --module training.trainer \\
         --base_model EleutherAI/pythia-2.8b --dataset databricks/databricks-dolly-15k \\
