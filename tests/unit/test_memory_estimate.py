@@ -14,6 +14,7 @@ from metaflow.user_configs.config_parameters import ConfigValue
 from transformers import GPTNeoXConfig, LlamaConfig, Qwen3Config
 
 from tests.conftest import REPO
+from tests.unit.test_preflight import node  # a healthy node of N GPUs
 from training.arguments import parse_args
 from training.memory_estimate import (
     GIB,
@@ -26,7 +27,6 @@ from training.memory_estimate import (
 )
 from training.preflight import (
     GpuFacts,
-    HardwareFacts,
     TrainingPlan,
     check,
     format_findings,
@@ -72,25 +72,6 @@ PYTHIA_12B = GPTNeoXConfig(
     intermediate_size=20480,
     vocab_size=50688,
 )
-
-
-def node(gpu: GpuFacts, count: int = 1) -> HardwareFacts:
-    """A healthy node (driver, torch, disk and RAM are not what these tests are about)."""
-    return HardwareFacts(
-        gpus_requested=count,
-        gpus=[gpu] * count,
-        nvml_gpu_count=count,
-        driver_version="550.54.15",
-        driver_cuda=(12, 4),
-        torch_version="2.5.1+cu124",
-        torch_cuda="12.4",
-        torch_arch_list=["sm_80", "sm_86", "sm_90"],
-        nccl_version=(2, 21, 5),
-        shm_bytes=64 * GIB,
-        disk_free_bytes=2048 * GIB,
-        host_memory_bytes=1024 * GIB,
-        output_dir="/data/out",
-    )
 
 
 def single_gpu_plan(config, peft: str, **changes) -> TrainingPlan:
@@ -207,7 +188,7 @@ def test_peft_without_the_models_layers_names_the_fix():
         estimate_memory(plan, 1)
     # The flow's plan when the model's config cannot be read (no hub): size 0, nothing to count.
     unknown = TrainingPlan(num_parameters=0, peft="qlora")
-    facts = node(A10)
+    facts = node(A10, 1)
     assert preflight_record(facts, unknown, check(facts, unknown, where="train"))["ok"]
 
 
@@ -250,9 +231,9 @@ def test_zero3_shards_the_frozen_base_too():
 
 def test_8b_llama_qlora_fits_a_24gb_gpu_lora_fits_80gb_but_not_24gb():
     qlora, lora = single_gpu_plan(LLAMA_3_8B, "qlora"), single_gpu_plan(LLAMA_3_8B, "lora")
-    assert check(node(A10), qlora, where="train") == []
-    assert check(node(A100_80), lora, where="train") == []
-    (finding,) = check(node(A10), lora, where="train")
+    assert check(node(A10, 1), qlora, where="train") == []
+    assert check(node(A100_80, 1), lora, where="train") == []
+    (finding,) = check(node(A10, 1), lora, where="train")
     assert finding.code == "gpu-memory"
     assert (
         "for LoRA (r=16 on all-linear, 41.9M trainable parameters) with no DeepSpeed"
@@ -271,7 +252,7 @@ def test_full_12b_on_one_a10_names_lora_and_qlora_with_their_estimates():
         deepspeed_config="ds_configs/zero2.json",
         gradient_checkpointing=False,
     )
-    (finding,) = check(node(A10), big, where="train")
+    (finding,) = check(node(A10, 1), big, where="train")
     assert finding.code == "gpu-memory" and "for full fine-tuning with ZeRO-2" in finding.message
     lines = finding.message.splitlines()
     adapters = lines[
@@ -299,12 +280,12 @@ def test_qlora_options_leave_zero3_for_zero2():
     big = single_gpu_plan(
         PYTHIA_12B, "none", zero_stage=3, deepspeed_config="ds_configs/zero3.json"
     )
-    (finding,) = check(node(A10), big, where="train")
+    (finding,) = check(node(A10, 1), big, where="train")
     zero2 = "--peft qlora and --deepspeed ds_configs/zero2.json (QLoRA does not run under ZeRO-3)"
     assert zero2 in finding.message
     # Under QLoRA already, ZeRO-3 is not offered, nor adapters again.
     tight = replace(single_gpu_plan(PYTHIA_12B, "qlora"), gradient_checkpointing=False)
-    (finding,) = check(node(A10), tight, where="train")
+    (finding,) = check(node(A10, 1), tight, where="train")
     assert (
         "ZeRO-3" not in finding.message and "Or keep the base model frozen" not in finding.message
     )
