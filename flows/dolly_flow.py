@@ -15,6 +15,7 @@ Run it:
     python flows/dolly_flow.py run                                   # bundled model + data, CPU
     python flows/dolly_flow.py run --epochs 2 --learning-rate 1e-4
     python flows/dolly_flow.py run --peft lora --learning-rate 1e-3   # LoRA adapters, frozen base
+    python flows/dolly_flow.py run --prompt-format chat              # the model's chat template
     python flows/dolly_flow.py --config config flows/configs/a100x4.json run --with kubernetes
     python flows/dolly_flow.py run --help                            # every parameter
 """
@@ -74,6 +75,8 @@ PARAMETER_FOR_FLAG = {
     "learning_rate": "--learning-rate",
     "per_device_train_batch_size": "--batch-size",
     "peft": "--peft",
+    "prompt_format": "--prompt-format",
+    "chat_template": "--chat-template",
 }
 CONFIG_KEY_FOR_FLAG = {"per_device_eval_batch_size": "eval_batch_size"}
 
@@ -111,7 +114,7 @@ def in_flow_terms(problem: str) -> str:
         ("../ds_configs", "ds_configs"),
         ("configs", "configs"),
     ],
-    suffixes=[".py", ".json", ".jsonl"],
+    suffixes=[".py", ".json", ".jsonl", ".jinja"],
 )
 class DollyFlow(FlowSpec):
     """Fine-tune a causal LM on instruction data (Dolly v2 prompt format, completion-only loss)."""
@@ -157,6 +160,23 @@ class DollyFlow(FlowSpec):
         "on a 4-bit NF4 base (bitsandbytes). Rank, alpha, dropout and target modules: config "
         "training.lora_*. Default: the config's training.peft, else none.",
     )
+    prompt_format = Parameter(
+        "prompt-format",
+        type=str,
+        default=config_expr("config.training.get('prompt_format', 'dolly')"),
+        help="dolly: the Dolly v2 prompt (### Instruction / ### Response / ### End). chat: every row "
+        "(Dolly, Alpaca, messages or ShareGPT conversations) rendered with the model's chat template, "
+        "the loss on the assistant turns only; the tuned model answers in that template. Default: "
+        "the config's training.prompt_format, else dolly.",
+    )
+    chat_template = Parameter(
+        "chat-template",
+        type=str,
+        default=config_expr("config.training.get('chat_template', '')"),
+        help="Under --prompt-format chat: chatml, or a Jinja chat template file (keep it in flows/configs/ "
+        "so remote runs get it), replacing the model's own; needed for a model without one. "
+        "Default: the config's training.chat_template, else the model's template.",
+    )
     deepspeed_config = Parameter(
         "deepspeed-config",
         type=str,
@@ -199,6 +219,7 @@ class DollyFlow(FlowSpec):
         from training.adapters import peft_problems
         from training.arguments import find_problems, parse_args
         from training.base_model import BaseModelError, check_base_model, resolve_base_model
+        from training.chat import check_chat_template_setting
         from training.checkpoint_store import CheckpointStoreError
         from training.dataset import DatasetError, load_instruction_data
         from training.evaluation import (
@@ -217,6 +238,8 @@ class DollyFlow(FlowSpec):
             batch_size=self.batch_size,
             peft=self.peft,
             training=self.settings.training,
+            prompt_format=self.prompt_format,
+            chat_template=self.chat_template,
         ) + ["--eval_instructions", self.eval_instructions]
         # The trainer's own parser and checks: start fails with the message the trainer would print.
         model_args, data_args, train_args = parse_args(self.trainer_argv)
@@ -245,9 +268,11 @@ class DollyFlow(FlowSpec):
                 problems.append(str(err))
         # Every problem at once: the data is checked even when a number is already wrong.
         try:
-            data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows)
+            data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows,
+                                         prompt_format=data_args.prompt_format)
         except DatasetError as err:
             problems.append(str(err))
+            data = None
         resolved_model = model_args.base_model
         # Resolving may convert the bundled model (~30 s once): only worth it if all else is fine.
         # Another model resolves at once and its layers are checked with the other inputs.
@@ -258,6 +283,9 @@ class DollyFlow(FlowSpec):
                 problems.append(str(err))
             else:
                 problems += peft_problems(model_args, resolved_model)
+                chat_settings_ok = not check_chat_template_setting(data_args.prompt_format, data_args.chat_template)
+                if data_args.prompt_format == "chat" and data is not None and chat_settings_ok:
+                    problems += chat_template_problems(model_args, data_args, resolved_model, data.train + data.eval)
         # What the config declares about the hardware against the plan: precision, /dev/shm,
         # GPU memory. The train node checks again with its real facts.
         findings, self.preflight_start = start_preflight(self.settings, model_args, data_args, train_args,
@@ -288,6 +316,8 @@ class DollyFlow(FlowSpec):
                 "learning_rate": self.learning_rate,
                 "batch_size": self.batch_size,
                 "peft": self.peft,
+                "prompt_format": self.prompt_format,
+                "chat_template": self.chat_template,
             },
         }
         print(
@@ -298,7 +328,7 @@ class DollyFlow(FlowSpec):
         print(
             f"Inputs OK: {model_args.base_model} on {data_args.dataset} "
             f"({len(data.train)} train / {len(data.eval)} eval rows, fingerprint {data.fingerprint[:12]}), "
-            f"DeepSpeed {train_args.deepspeed or 'off'}, preset {self.settings.name}."
+            f"{data_args.prompt_format} prompt format, DeepSpeed {train_args.deepspeed or 'off'}, preset {self.settings.name}."
         )
 
     # Preemptible GPUs: a retried attempt resumes from the newest valid checkpoint in S3.
@@ -383,12 +413,28 @@ class DollyFlow(FlowSpec):
             f"{metrics['tokens_per_second']:.0f} tokens/s)."
         )
         if metrics.get("ended_share_base") is not None:
-            print(f"Answers ending at ### End: {metrics['ended_share_base']:.0%} (base) -> "
+            print(f"Answers ending at {metrics.get('end_marker', '### End')}: {metrics['ended_share_base']:.0%} (base) -> "
                   f"{metrics['ended_share_final']:.0%} (tuned) of {len(self.evaluation[0]['answers'])} instructions.")
         print(f"Model: {self.model_location}")
         print("Cards: card view train --id training · card view train --id gpu_profile · card view end")
         how = load_instructions(self.model_location, pathspec)  # markdown for the card
         print("Answer instructions with it:\n" + "\n".join(line for line in how.splitlines() if not line.startswith("```")))
+
+
+def chat_template_problems(model_args, data_args, model_path: str, rows: list) -> list[str]:
+    """What stops --prompt-format chat with this model's tokenizer: no template, one that cannot
+    render the data's turns, or whose answers cannot be located exactly (training.chat)."""
+    from training.base_model import load_tokenizer
+    from training.chat import setup_problems
+
+    try:
+        tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code,
+                                   prompt_format="chat", chat_template=data_args.chat_template)
+    except OSError as err:  # a hub model on a laptop without hub access: the train node checks again
+        print(f"Preflight warning [chat-template]: could not load the tokenizer of {model_path} ({err}); "
+              "the chat template is checked on the train node.")
+        return []
+    return setup_problems(tokenizer, rows, model_args.base_model)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,16 @@ def _method(metrics: dict[str, Any]) -> str:
     base = "4-bit NF4 base (QLoRA)" if peft == "qlora" else "frozen base"
     kept = "merged model, adapter in adapter/" if lora["merged"] else "adapter only"
     return (f"{'QLoRA' if peft == 'qlora' else 'LoRA'} r={lora['r']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g} "
-            f"on {lora['target_modules']} + the Dolly keys' embedding rows, {base}: {trainable} "
+            f"on {lora['target_modules']} + the prompt format's token rows, {base}: {trainable} "
             f"({metrics['trainable_parameters'] / metrics['parameters']:.1%}); adapter "
             f"{metrics.get('adapter_bytes', 0) / 1e6:.1f} MB ({kept})")
+
+
+def _prompt_format(training: dict[str, Any], metrics: dict[str, Any]) -> str:
+    if training.get("prompt_format", "dolly") != "chat":
+        return "dolly (### Instruction / ### Response / ### End)"
+    template = training.get("chat_template") or "the model's own"
+    return f"chat: {template} chat template, answers end at {metrics.get('end_marker', '?')}"
 
 
 def summary_components(*, pathspec: str, config: dict[str, Any], metrics: dict[str, Any],
@@ -68,6 +75,7 @@ def summary_components(*, pathspec: str, config: dict[str, Any], metrics: dict[s
         ["Preset", f"{config['preset']}: {config['resources'].get('gpu') or 0} GPU(s), "
                    f"{config['resources'].get('cpu')} CPUs, {config['resources'].get('memory')} MB"],
         ["Method", _method(metrics)],
+        ["Prompt format", _prompt_format(config["training"], metrics)],
         ["DeepSpeed", config.get("deepspeed_config") or "off"],
         ["Precision, ranks", f"{metrics['precision']}, {ranks}"],
         ["Schedule", f"{metrics['global_step']} steps, {metrics['epochs']:.2f} epochs, lr {training['learning_rate']:g}, "
@@ -79,7 +87,7 @@ def summary_components(*, pathspec: str, config: dict[str, Any], metrics: dict[s
     results = [
         ["Eval loss", _change(metrics["eval_loss_before"], metrics["eval_loss_after"], ".4f")],
         ["Perplexity", _change(metrics["perplexity_before"], metrics["perplexity_after"], ".2f")],
-        ["Answers ending at ### End", _change(metrics.get("ended_share_base"), metrics.get("ended_share_final"), ".0%")],
+        [f"Answers ending at {metrics.get('end_marker', '### End')}", _change(metrics.get("ended_share_base"), metrics.get("ended_share_final"), ".0%")],
         ["Mean answer tokens", _change(first.get("mean_new_tokens"), last.get("mean_new_tokens"), ".0f")],
         ["Training throughput", f"{metrics['tokens_per_second']:,.0f} tokens/s in training steps, "
                                 f"{metrics.get('tokens_per_second_overall', 0):,.0f} overall with evaluation and "

@@ -48,6 +48,8 @@ def trainer_arguments(
     batch_size: int,
     peft: str,
     training: dict[str, Any],
+    prompt_format: str = "dolly",
+    chat_template: str = "",
 ) -> list[str]:
     """The trainer's command-line arguments from the flow's parameters and config ``training``.
 
@@ -62,6 +64,8 @@ def trainer_arguments(
         "learning_rate": learning_rate,
         "per_device_train_batch_size": batch_size,
         "peft": peft,
+        "prompt_format": prompt_format,
+        "chat_template": chat_template,
         "per_device_eval_batch_size": training.get("eval_batch_size", batch_size),
     }
     for name in PASSED_THROUGH:
@@ -102,7 +106,8 @@ PASSED_THROUGH = (
 SWITCHES = ("gradient_checkpointing", "trust_remote_code", "skip_bad_rows", "group_by_length", "packing",
             "merge_adapter")
 # ...and the ones the flow reads itself (parameter defaults; the eval batch falls back to batch_size).
-FLOW_KEYS = ("batch_size", "eval_batch_size", "epochs", "max_steps", "learning_rate", "peft")
+FLOW_KEYS = ("batch_size", "eval_batch_size", "epochs", "max_steps", "learning_rate", "peft", "prompt_format",
+             "chat_template")
 
 
 def training_section_problems(training: dict[str, Any]) -> list[str]:

@@ -81,9 +81,10 @@ def card_components(view: dict[str, Any], failed: str | None = None, charts: lis
     components: list = [Markdown("## Training"), Markdown(progress_line(view, failed))]
     components.extend(chart_components(view) if charts is None else charts)
     if view["evaluation"]:
+        marker = _end_marker(view["evaluation"])
         components.append(Markdown(
             "## Evaluation\nThe same instructions answered by the base model (first row) and "
-            "after each epoch; greedy decoding. *[no ### End]*: the answer ran to the token limit."
+            f"after each epoch; greedy decoding. *[no {marker}]*: the answer ran to the token limit."
         ))
         components.append(evaluation_table(view["evaluation"]))
     return components
@@ -136,13 +137,19 @@ def chart_components(view: dict[str, Any]) -> list:
 def evaluation_table(points: list[dict[str, Any]]) -> Table:
     """One row per evaluation point (base first), one column per instruction."""
     instructions = [a["instruction"] for a in points[0]["answers"]]
-    headers = ["Model", "Step", "Ends at ### End", "Mean tokens"] + [_cut(text, 70) for text in instructions]
+    marker = _end_marker(points)
+    headers = ["Model", "Step", f"Ends at {marker}", "Mean tokens"] + [_cut(text, 70) for text in instructions]
     rows = []
     for point in points:
-        answers = [_cut(a["response"], ANSWER_CHARS) + ("" if a["ended"] else " [no ### End]") for a in point["answers"]]
+        answers = [_cut(a["response"], ANSWER_CHARS) + ("" if a["ended"] else f" [no {marker}]") for a in point["answers"]]
         rows.append([point["label"], str(point.get("global_step", "")), f"{point['ended_share']:.0%}",
                      f"{point['mean_new_tokens']:.0f}", *answers])
     return Table(data=rows, headers=headers)
+
+
+def _end_marker(points: list[dict[str, Any]]) -> str:
+    """What answers end with: ``### End``, or a chat template's end of turn (``<|im_end|>``)."""
+    return points[0].get("end_marker", "### End")
 
 
 def _cut(text: str, limit: int) -> str:

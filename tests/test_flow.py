@@ -90,7 +90,7 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
             write_config(tiny_config, tmp, gradient_checkpoint=True, lora_r=0,
                          lora_target_modules="q_proj,query_key_value"),
             ["--dataset", str(no_response), "--peft", "qlora", "--deepspeed-config", "ds_configs/zero3.json"],
-            ["noresp.jsonl line 2: no 'response' (Dolly schema) or 'output'",
+            ["noresp.jsonl line 2: no 'response' (Dolly schema), 'output' (Alpaca)",
              "unknown key 'gradient_checkpoint'. Did you mean 'gradient_checkpointing'?",
              "config training.lora_r: must be a positive rank (8, 16, 64...), got 0.",
              "config training.lora_target_modules: query_key_value not in ",

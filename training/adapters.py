@@ -2,8 +2,9 @@
 
 Under ``--peft lora`` the base model's weights stay frozen; low-rank adapters on
 ``--lora_target_modules`` train (``all-linear``: every linear layer but the output head), and
-so do the embedding rows of the Dolly keys and nothing else of the embedding: the keys are new
-tokens, and with frozen rows the model would never learn to emit ``### End``. peft's
+so do the embedding rows of the prompt format's tokens and nothing else of the embedding: the
+Dolly keys are new tokens, and with frozen rows the model would never learn to emit ``### End``;
+a chat template's tokens (``<|im_end|>``, ``<|eot_id|>``) are often untrained in base models. peft's
 ``trainable_token_indices`` trains just those rows (of the input embedding and, for a model
 whose output head is not tied to it, of the head too) and saves only them, instead of
 ``modules_to_save=["embed_tokens"]``, which trains and saves the whole matrix (1.2 GB for an 8B
@@ -30,8 +31,6 @@ import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
-
-from training.prompt import SPECIAL_KEYS
 
 ADAPTER_DIR = "adapter"  # under a merged model's directory
 ADAPTER_CONFIG = "adapter_config.json"
@@ -101,18 +100,20 @@ def _module_name(model: Any, module: Any) -> str:
 
 
 def apply_lora(model: Any, tokenizer: Any, model_args: Any, *, quantized: bool) -> Any:
-    """The peft model: frozen base, LoRA adapters, the Dolly keys' embedding rows trainable.
+    """The peft model: frozen base, LoRA adapters, the embedding rows of the prompt format's
+    tokens trainable (the Dolly keys, or the chat template's special tokens).
 
     Raises ValueError naming the missing layers when a target module is not in the model.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from training.arguments import lora_target_modules
+    from training.base_model import recipe_tokens
 
     targets = lora_target_modules(model_args.lora_target_modules)
     if targets != "all-linear" and (problem := missing_targets(model, targets, model_args.base_model)):
         raise ValueError(problem)
-    token_ids = sorted({tokenizer.convert_tokens_to_ids(key) for key in SPECIAL_KEYS})
+    token_ids = sorted({tokenizer.convert_tokens_to_ids(token) for token in recipe_tokens(tokenizer)})
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()
     # A tied head follows the input rows by itself (peft ties the two adapters); an untied
@@ -244,19 +245,21 @@ def count_parameters(model: Any) -> tuple[int, int]:
 
 def load_adapter_model(adapter_dir: str | Path, *, dtype: Any = None, trust_remote_code: bool = False,
                        cache_dir: str | Path | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer): the adapter's base model (resolved like ``--base_model``, the Dolly
-    keys added) with the adapter merged in, for generation or for saving a merged model."""
+    """(model, tokenizer): the adapter's base model (resolved like ``--base_model``, the prompt
+    format's tokens added) with the adapter merged in, for generation or for saving a merged model."""
     import json
 
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
-    from training.base_model import load_model, load_tokenizer, resolve_base_model
+    from training.base_model import load_model, resolve_base_model
 
     adapter_dir = Path(adapter_dir)
     base_name = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     base_path = resolve_base_model(base_name, cache_dir)
-    # The adapter's tokenizer: the base's with the Dolly keys, the ids the adapter rows belong to.
-    tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code)
+    # The adapter's tokenizer, saved with it: the base's with the format's tokens and chat
+    # template, the ids the adapter's rows belong to.
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
     model = load_model(base_path, tokenizer, dtype=dtype, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model.merge_and_unload(), tokenizer

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.base_model import BUNDLED_MODEL, check_base_model
+from training.chat import check_chat_template_setting
 from training.dataset import BUNDLED_DATASET
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -86,7 +87,26 @@ class DataArguments:
         metadata={
             "help": "Instruction data: a hub id (databricks/databricks-dolly-15k), a local "
             ".jsonl/.json/.parquet file or directory, an s3:// URL, or "
-            f"{BUNDLED_DATASET} (shipped sample). Dolly v2 or Alpaca schema."
+            f"{BUNDLED_DATASET} (shipped sample). Rows: Dolly v2, Alpaca, messages "
+            "(role/content turns) or ShareGPT (from/value turns)."
+        },
+    )
+    prompt_format: str = field(
+        default="dolly",
+        metadata={
+            "help": "dolly: the Dolly v2 prompt (### Instruction / ### Response / ### End), one "
+            "instruction and one response per row. chat: every row rendered with the tokenizer's "
+            "chat template (multi-turn, system prompts; Dolly rows become one user and one "
+            "assistant turn), the loss on the assistant turns and their end-of-turn token only: "
+            "the tuned model answers in its own template, in any serving stack."
+        },
+    )
+    chat_template: str = field(
+        default="",
+        metadata={
+            "help": "Under --prompt_format chat: chatml (adds <|im_start|>/<|im_end|>) or a path to a "
+            "Jinja chat template, replacing the tokenizer's own; empty: the tokenizer's template "
+            "(a model without one needs this)."
         },
     )
     max_seq_length: int = field(
@@ -314,6 +334,7 @@ def find_problems(model_args: ModelArguments, data_args: DataArguments, train_ar
             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
         )
     problems += check_peft_settings(model_args)
+    problems += check_chat_template_setting(data_args.prompt_format, data_args.chat_template)
     if model_args.peft == "qlora" and train_args.deepspeed and not check_deepspeed_config(train_args.deepspeed):
         stage = json.loads(resolve_repo_path(train_args.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
         if stage == 3:

@@ -1,4 +1,4 @@
-"""Finding and loading the base model, and teaching its tokenizer the Dolly keys.
+"""Finding and loading the base model, and teaching its tokenizer the prompt format's tokens.
 
 ``--base_model`` is one of:
 
@@ -131,20 +131,63 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> Any:
-    """The base tokenizer with the Dolly keys added and a pad token set."""
+def load_tokenizer(model_path: str, trust_remote_code: bool = False, *, prompt_format: str = "dolly",
+                   chat_template: str = "") -> Any:
+    """The base tokenizer, set up for ``prompt_format``, with a pad token.
+
+    dolly: the Dolly keys added, and a chat template that renders the Dolly prompt (so a saved
+    model answers chat messages in its own format). chat: ``chat_template`` (``chatml`` or a
+    Jinja file) replaces the tokenizer's own when given; ChatML's two tokens, and a template's
+    end-of-turn text that is not one token yet, are added as special tokens.
+    :func:`recipe_tokens` lists what the format uses.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": SPECIAL_KEYS}, replace_extra_special_tokens=False
+    from training.chat import (
+        CHATML,
+        CHATML_TOKENS,
+        ChatTemplateError,
+        end_of_turn,
+        read_chat_template,
     )
+    from training.prompt import dolly_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if prompt_format == "dolly":
+        _add_special(tokenizer, SPECIAL_KEYS)
+        tokenizer.chat_template = dolly_chat_template(tokenizer)
+    else:
+        if chat_template:
+            tokenizer.chat_template = read_chat_template(chat_template)
+            if chat_template == CHATML:
+                _add_special(tokenizer, CHATML_TOKENS)
+        if tokenizer.chat_template:
+            try:
+                closing = end_of_turn(tokenizer)
+            except (ChatTemplateError, ValueError, TypeError, KeyError):  # reported by chat_problems
+                closing = ""
+            if closing and len(tokenizer(closing, add_special_tokens=False)["input_ids"]) != 1:
+                _add_special(tokenizer, [closing])
     if tokenizer.pad_token is None:
         # Padding positions are masked by position in the collator, never by token id, so
         # pad == eos does not hide the learned end of sequence.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _add_special(tokenizer: Any, tokens: list[str]) -> None:
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+
+
+def recipe_tokens(tokenizer: Any) -> list[str]:
+    """The special tokens the model's prompt format is built from: the Dolly keys, or the chat
+    template's (headers, end of turn). New ones start at a sensible embedding (load_model);
+    under LoRA their rows train (base models often leave chat tokens untrained)."""
+    from training.chat import template_tokens
+    from training.generate import prompt_format_of
+
+    return SPECIAL_KEYS if prompt_format_of(tokenizer) == "dolly" else template_tokens(tokenizer)
 
 
 def load_model(model_path: str, tokenizer: Any, *, dtype: Any, trust_remote_code: bool = False,
@@ -167,28 +210,38 @@ def load_model(model_path: str, tokenizer: Any, *, dtype: Any, trust_remote_code
         **({"quantization_config": quantization, "device_map": {"": device if device is not None else "cpu"}}
            if quantization is not None else {}),
     )
+    stop_at_end_marker(model, tokenizer)
     # The vocabulary size from the config: under ZeRO-3 each rank holds only a flat shard of
     # the embedding matrix, whose own shape says nothing about the vocabulary.
     old_vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) <= old_vocab and all(
-        tokenizer.convert_tokens_to_ids(key) < old_vocab for key in SPECIAL_KEYS
-    ):
-        return model  # already a Dolly-tuned model: nothing new to initialize
+    new_tokens = recipe_tokens(tokenizer)
+    if len(tokenizer) <= old_vocab and all(tokenizer.convert_tokens_to_ids(t) < old_vocab for t in new_tokens):
+        return model  # a tuned model, or a format whose tokens the model has: nothing to initialize
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     inputs = model.get_input_embeddings().weight
     outputs = model.get_output_embeddings()
     tied = outputs is None or outputs.weight is inputs
     weights = [inputs] if tied else [inputs, outputs.weight]
     with _gathered(weights), torch.no_grad():
-        for key in SPECIAL_KEYS:
-            new_id = tokenizer.convert_tokens_to_ids(key)
+        for token in new_tokens:
+            new_id = tokenizer.convert_tokens_to_ids(token)
             if new_id < old_vocab:
                 continue
-            pieces = tokenizer(key, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            pieces = tokenizer(token, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             pieces = [p for p in pieces if p < old_vocab]
             for weight in weights:
                 weight[new_id] = weight[pieces].mean(dim=0)
     return model
+
+
+def stop_at_end_marker(model: Any, tokenizer: Any) -> None:
+    """Make the format's end marker (``### End``, or the chat template's end of turn) the model's
+    end of sequence for generation, beside eos: saved in ``generation_config.json``, it makes a
+    plain ``pipeline("text-generation", model=dir)`` (and vLLM, TGI) stop there by itself."""
+    from training.generate import stop_token_ids
+
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def _gathered(weights: list[Any]) -> Any:

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training import prompt
+from training import chat, prompt
 from training.prompt import IGNORE_INDEX
 
 # The tokenized columns. "length" (tokens per row) lets the Trainer's LengthGroupedSampler group
@@ -39,12 +39,16 @@ def _tokenizer_digest(tokenizer: Any) -> str:
 
 
 def tokenize_rows(
-    rows: list[dict[str, str]], tokenizer: Any, *, max_seq_length: int, cache_dir: Path, split: str
+    rows: list[dict[str, Any]], tokenizer: Any, *, max_seq_length: int, cache_dir: Path, split: str,
+    prompt_format: str = "dolly",
 ) -> tuple[Any, int]:
     """(datasets.Dataset of input_ids/labels/length, rows dropped for being longer than max_seq_length).
 
-    Long rows are dropped, never truncated: a cut row would lose its ``### End`` and teach the
-    model to ramble.
+    ``prompt_format`` dolly: the Dolly prompt (``training.prompt``); chat: every row as a
+    conversation in the tokenizer's chat template (``training.chat``).
+
+    Long rows are dropped, never truncated: a cut row would lose its ``### End`` (or an answer
+    its end of turn) and teach the model to ramble.
     """
     import datasets
 
@@ -54,21 +58,35 @@ def tokenize_rows(
                 json.dumps(rows, sort_keys=True, ensure_ascii=False),
                 _tokenizer_digest(tokenizer),
                 str(max_seq_length),
+                prompt_format,
+                tokenizer.chat_template or "",
                 inspect.getsource(prompt),
+                inspect.getsource(chat),
                 ",".join(COLUMNS),
             ]
         ).encode()
     ).hexdigest()[:24]
     cache_dir.mkdir(parents=True, exist_ok=True)
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        encoded = prompt.encode_examples(tokenizer, batch["instruction"], batch["context"], batch["response"])
+    def keep_short(encoded: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
         keep = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) <= max_seq_length]
         kept = {name: [values[i] for i in keep] for name, values in encoded.items()}
         kept[LENGTH_COLUMN] = [len(ids) for ids in kept["input_ids"]]
         return kept
 
-    source = datasets.Dataset.from_list(rows)
+    if prompt_format == "chat":
+        # One JSON column: Dolly rows and conversations have different fields.
+        source = datasets.Dataset.from_dict({"conversation": [json.dumps(chat.row_messages(r)) for r in rows]})
+
+        def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+            conversations = [json.loads(text) for text in batch["conversation"]]
+            return keep_short(chat.encode_conversations(tokenizer, conversations))
+    else:
+        source = datasets.Dataset.from_list(rows)
+
+        def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+            return keep_short(prompt.encode_examples(tokenizer, batch["instruction"], batch["context"], batch["response"]))
+
     tokenized = source.map(
         encode,
         batched=True,

@@ -9,10 +9,21 @@ A source is one of:
 * an ``s3://bucket/key`` file or ``s3://bucket/prefix/`` directory, downloaded then read as above;
 * a hub data set id such as ``databricks/databricks-dolly-15k`` (``datasets.load_dataset``).
 
-Rows use the Dolly v2 schema (``instruction``, ``context``, ``response``, ``category``); rows
-with the Alpaca schema (``instruction``, ``input``, ``output``) are mapped to it. A line that is
-not JSON or a row without an instruction or response is an error that names the file and line,
-reported for every bad row at once; ``skip_bad_rows=True`` skips and counts them instead.
+Each row is recognized by its fields:
+
+* Dolly v2: ``instruction``, ``context``, ``response`` (``category``);
+* Alpaca: ``instruction``, ``input``, ``output`` (mapped to Dolly's fields);
+* messages (OpenAI style): ``messages``, a list of ``{"role": "system"|"user"|"assistant",
+  "content": ...}``, multi-turn;
+* ShareGPT: ``conversations``, a list of ``{"from": "system"|"human"|"gpt", "value": ...}``
+  (mapped to messages).
+
+A conversation is an optional system turn, then user and assistant turns in alternation, ending
+with an assistant turn. Under ``prompt_format="dolly"`` a conversation must be one user turn and
+one assistant turn (it becomes a Dolly row); ``"chat"`` takes any. A line that is not JSON, or a
+row without what its schema needs (an instruction, a response, known roles in order, non-empty
+turns), is an error that names the file and line, reported for every bad row at once;
+``skip_bad_rows=True`` skips and counts them instead.
 
     python -c "from training.dataset import load_instruction_data as l; print(l('bundled:dolly-sample'))"
 """
@@ -40,11 +51,12 @@ class DatasetError(ValueError):
 
 @dataclass
 class InstructionData:
-    """Normalized rows (instruction, context, response, category) per split."""
+    """Normalized rows per split: Dolly rows (instruction, context, response, category) and,
+    under the chat prompt format, conversations (messages, category)."""
 
     source: str
-    train: list[dict[str, str]]
-    eval: list[dict[str, str]] = field(default_factory=list)
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]] = field(default_factory=list)
     skipped_rows: int = 0
     schema_counts: dict[str, int] = field(default_factory=dict)
 
@@ -64,10 +76,16 @@ class InstructionData:
         )
 
 
-def _normalize_row(row: Any, where: str) -> tuple[dict[str, str] | None, str | None, str]:
+# ShareGPT's speakers, as roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+def _normalize_row(row: Any, where: str, prompt_format: str = "dolly") -> tuple[dict[str, Any] | None, str | None, str]:
     """(normalized row, None, schema) or (None, problem, schema) for one raw row."""
     if not isinstance(row, dict):
         return None, f"{where}: expected a JSON object, got {type(row).__name__}", ""
+    if "messages" in row or "conversations" in row:
+        return _normalize_conversation(row, where, prompt_format)
     if "response" in row:
         schema, context_key, response_key = "dolly", "context", "response"
     elif "output" in row:
@@ -76,8 +94,8 @@ def _normalize_row(row: Any, where: str) -> tuple[dict[str, str] | None, str | N
         keys = ", ".join(sorted(map(str, row))) or "none"
         return (
             None,
-            f"{where}: no 'response' (Dolly schema) or 'output' (Alpaca schema) field "
-            f"(fields: {keys})",
+            f"{where}: no 'response' (Dolly schema), 'output' (Alpaca), 'messages' or "
+            f"'conversations' (ShareGPT) field (fields: {keys})",
             "",
         )
     problems = []
@@ -103,6 +121,57 @@ def _normalize_row(row: Any, where: str) -> tuple[dict[str, str] | None, str | N
         None,
         schema,
     )
+
+
+def _normalize_conversation(row: dict[str, Any], where: str, prompt_format: str) -> tuple[dict[str, Any] | None, str | None, str]:
+    if "messages" in row:
+        schema, key, role_key, content_key, roles = "messages", "messages", "role", "content", {r: r for r in ("system", "user", "assistant")}
+    else:
+        schema, key, role_key, content_key, roles = "sharegpt", "conversations", "from", "value", SHAREGPT_ROLES
+    turns = row[key]
+    if not isinstance(turns, list) or not turns:
+        return None, f"{where}: '{key}' must be a non-empty list of turns", schema
+    messages, problems = [], []
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            problems.append(f"turn {number} is not an object")
+            continue
+        speaker, content = turn.get(role_key), turn.get(content_key)
+        if speaker not in roles:
+            problems.append(f"turn {number} has unknown {role_key} {speaker!r} (use {', '.join(roles)})")
+        elif not isinstance(content, str) or not content.strip():
+            problems.append(f"turn {number} ({speaker}) has a missing or empty '{content_key}'")
+        else:
+            messages.append({"role": roles[speaker], "content": content.strip()})
+    if not problems:
+        problems += _order_problems([m["role"] for m in messages], {v: k for k, v in roles.items()})
+    if problems:
+        return None, f"{where}: {'; '.join(problems)}", schema
+    category = row.get("category")
+    if prompt_format == "dolly":
+        if [m["role"] for m in messages] != ["user", "assistant"]:
+            return (None, f"{where}: a conversation with {len(messages)} turns; the Dolly prompt format holds "
+                    "one user turn and one answer (no system prompt): train it with --prompt_format chat", schema)
+        return ({"instruction": messages[0]["content"], "context": "", "response": messages[1]["content"],
+                 "category": category if isinstance(category, str) else ""}, None, schema)
+    return {"messages": messages, "category": category if isinstance(category, str) else ""}, None, schema
+
+
+def _order_problems(roles: list[str], names: dict[str, str]) -> list[str]:
+    """An optional system turn, then user/assistant alternating from the user, ending with an
+    assistant turn (what chat templates such as Gemma's and Mistral's require)."""
+    if "assistant" not in roles:
+        return [f"no {names['assistant']} turn (nothing to learn)"]
+    start = 1 if roles[0] == "system" else 0
+    for index in range(start, len(roles)):
+        expected = "user" if (index - start) % 2 == 0 else "assistant"
+        if roles[index] != expected:
+            return [f"turns out of order: turn {index + 1} is {names[roles[index]]}, expected {names[expected]} "
+                    f"(an optional {names['system']} turn first, then {names['user']} and "
+                    f"{names['assistant']} alternating)"]
+    if roles[-1] != "assistant":
+        return [f"the last turn is {names['user']} with no {names['assistant']} answer after it"]
+    return []
 
 
 def _read_file_rows(path: Path) -> list[tuple[str, Any]]:
@@ -229,6 +298,7 @@ def load_instruction_data(
     *,
     skip_bad_rows: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    prompt_format: str = "dolly",
 ) -> InstructionData:
     """Read, validate and normalize a data set; raises DatasetError listing every bad row."""
     cache = Path(cache_dir or default_cache_dir())
@@ -258,14 +328,14 @@ def load_instruction_data(
 
     problems: list[str] = []
     schema_counts: dict[str, int] = {}
-    normalized: dict[str, list[dict[str, str]]] = {}
+    normalized: dict[str, list[dict[str, Any]]] = {}
     for split, pairs in raw.items():
         rows = []
         for where, row in pairs:
             if isinstance(row, _NotJson):
                 problems.append(f"{where}: not valid JSON ({row.reason})")
                 continue
-            clean, problem, schema = _normalize_row(row, where)
+            clean, problem, schema = _normalize_row(row, where, prompt_format)
             if problem:
                 problems.append(problem)
             else:

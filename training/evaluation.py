@@ -1,8 +1,8 @@
 """Answering a fixed set of instructions before training and after every epoch.
 
 The Dolly story in numbers: the same instructions answered by the base model and then by the
-model after each epoch, with the share of answers that end at ``### End`` (the model learned to
-stop) and their lengths. Decoding is greedy by default, so runs are comparable.
+model after each epoch, with the share of answers that end at ``### End`` (or, for the chat
+format, at the template's end of turn: the model learned to stop) and their lengths. Decoding is greedy by default, so runs are comparable.
 
     rows = load_eval_instructions(DEFAULT_EVAL_INSTRUCTIONS)
     point = answer_all(model, tokenizer, rows, label="base", max_new_tokens=64)
@@ -67,7 +67,7 @@ def answer_all(model: Any, tokenizer: Any, rows: list[dict[str, str]], *, label:
 
     import torch
 
-    from training.generate import generate_response
+    from training.generate import end_marker, generate_response
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
@@ -97,6 +97,7 @@ def answer_all(model: Any, tokenizer: Any, rows: list[dict[str, str]], *, label:
         "label": label,
         "answers": answers,
         "ended_share": sum(a["ended"] for a in answers) / len(answers),
+        "end_marker": end_marker(tokenizer),
         "mean_new_tokens": sum(a["new_tokens"] for a in answers) / len(answers),
         "decoding": {"do_sample": False, "max_new_tokens": max_new_tokens},
         "ranks": world,
@@ -136,7 +137,7 @@ def evaluation_callback(rows: list[dict[str, str]], tokenizer: Any, max_new_toke
                 self.points.append(point)
                 if on_point is not None:
                     on_point(point)
-                print(f"[trainer] evaluation {label}: {point['ended_share']:.0%} of answers end at ### End, "
+                print(f"[trainer] evaluation {label}: {point['ended_share']:.0%} of answers end at {point['end_marker']}, "
                       f"{point['mean_new_tokens']:.0f} tokens on average", flush=True)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -1,4 +1,8 @@
-"""Answer instructions with a Dolly-tuned model: format the prompt, generate, stop at ``### End``.
+"""Answer instructions with a model tuned here, in its own prompt format, stopping where it ends.
+
+A Dolly-format model gets the Dolly prompt and stops at ``### End``; a chat-format model gets its
+chat template (``--system`` adds a system prompt) and stops at its end-of-turn token. The
+model's saved chat template says which (see :func:`prompt_format_of`).
 
     python -m training.generate --run latest "Give three tips for staying focused."
     python -m training.generate --run DollyFlow/1764412345678 "What is a haiku?" "Name 3 rivers."
@@ -17,14 +21,53 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from training.prompt import END_KEY, encode_prompt
+from training.prompt import END_KEY, RESPONSE_KEY, RESPONSE_KEY_NL, encode_prompt
 
 
 @dataclass
 class Generation:
-    text: str  # the response, without the prompt or ``### End``
-    ended: bool  # the model emitted ``### End`` (or eos) before max_new_tokens ran out
+    text: str  # the response, without the prompt or the end marker
+    ended: bool  # the model emitted its end marker (or eos) before max_new_tokens ran out
     new_tokens: int
+
+
+def prompt_format_of(tokenizer: Any) -> str:
+    """``dolly`` or ``chat``: the format a tokenizer set up here (or saved with a model tuned
+    here) is for. Dolly-format tokenizers carry the Dolly chat template; models tuned before
+    that template existed are known by their Dolly keys."""
+    if RESPONSE_KEY in (tokenizer.chat_template or ""):
+        return "dolly"
+    response_id = tokenizer.convert_tokens_to_ids(RESPONSE_KEY_NL)
+    has_keys = response_id is not None and response_id != tokenizer.unk_token_id
+    return "dolly" if has_keys else "chat"
+
+
+def end_marker(tokenizer: Any) -> str:
+    """What an answer ends with: ``### End``, or the chat template's end of turn."""
+    from training.chat import end_of_turn
+
+    return END_KEY if prompt_format_of(tokenizer) == "dolly" else end_of_turn(tokenizer)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids generation stops at: the end marker's, then eos (saved as the model's
+    ``generation_config.eos_token_id``, so any generate() call stops there too)."""
+    ids = [tokenizer.convert_tokens_to_ids(end_marker(tokenizer))]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def encode_instruction(tokenizer: Any, instruction: str, context: str = "", system: str = "") -> list[int]:
+    """The prompt ids of one instruction in the tokenizer's format (as in training)."""
+    if prompt_format_of(tokenizer) == "dolly":
+        if system:
+            raise ValueError("--system: a Dolly-format model has a fixed intro and no system prompt; "
+                             "drop --system (models trained with --prompt_format chat take one).")
+        return encode_prompt(tokenizer, instruction, context)
+    from training.chat import encode_chat_prompt, instruction_messages
+
+    return encode_chat_prompt(tokenizer, instruction_messages(instruction, context, system))
 
 
 def load_for_generation(model_dir: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
@@ -62,17 +105,17 @@ def generate_response(
     instruction: str,
     context: str = "",
     *,
+    system: str = "",
     max_new_tokens: int = 128,
     do_sample: bool = False,
     temperature: float = 0.7,
     top_p: float = 0.92,
 ) -> Generation:
-    """Answer one instruction; greedy decoding unless ``do_sample``."""
+    """Answer one instruction in the model's prompt format; greedy decoding unless ``do_sample``."""
     import torch
 
-    end_id = tokenizer.convert_tokens_to_ids(END_KEY)
-    stop_ids = [end_id] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    prompt_ids = torch.tensor([encode_prompt(tokenizer, instruction, context)], device=model.device)
+    stop_ids = stop_token_ids(tokenizer)
+    prompt_ids = torch.tensor([encode_instruction(tokenizer, instruction, context, system)], device=model.device)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
     with torch.no_grad():
         output = model.generate(
@@ -80,7 +123,7 @@ def generate_response(
             attention_mask=torch.ones_like(prompt_ids),
             max_new_tokens=max_new_tokens,
             eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
             **sampling,
         )
     new = output[0, prompt_ids.shape[1] :].tolist()
@@ -101,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         help="The model of a DollyFlow run: DollyFlow/<id>, a run id, or 'latest' (the latest successful run).",
     )
     parser.add_argument("--context", default="", help="Optional input text the instruction refers to.")
+    parser.add_argument("--system", default="", help="A system prompt (models trained with --prompt_format chat).")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate.")
     parser.add_argument("--sample", action="store_true", help="Sample (temperature 0.7, top-p 0.92) instead of greedy.")
     parser.add_argument("--trust-remote-code", action="store_true", help="Run modelling code from the model directory.")
@@ -121,15 +165,18 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointStoreError as err:
         # An S3 model that is incomplete, corrupted or unreachable: the reason and the fix, not a traceback.
         parser.exit(1, f"error: {err}\n")
+    if args.system and prompt_format_of(tokenizer) == "dolly":
+        parser.exit(2, "error: --system: this model was tuned in the Dolly format (a fixed intro, no system "
+                       "prompt); drop --system.\n")
+    marker = end_marker(tokenizer)
     for number, instruction in enumerate(args.instruction):
-        result = generate_response(
-            model, tokenizer, instruction, args.context, max_new_tokens=args.max_new_tokens, do_sample=args.sample
-        )
+        result = generate_response(model, tokenizer, instruction, args.context, system=args.system,
+                                   max_new_tokens=args.max_new_tokens, do_sample=args.sample)
         if len(args.instruction) > 1:
             print(f"{'' if number == 0 else chr(10)}### {instruction}")
         print(result.text)
         if not result.ended:
-            print(f"[stopped at --max-new-tokens {args.max_new_tokens} before {END_KEY}]")
+            print(f"[stopped at --max-new-tokens {args.max_new_tokens} before {marker}]")
 
 
 if __name__ == "__main__":

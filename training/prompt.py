@@ -28,7 +28,10 @@ Tokenization is done piece by piece rather than on the joined string, for two re
   the literal text ``### Response:`` stays ordinary text and cannot end the prompt early.
 
 Generation (``training.generate``) encodes its prompt with :func:`encode_prompt`, the same code,
-so training and inference see the same ids.
+so training and inference see the same ids. A Dolly-format model is saved with
+:func:`dolly_chat_template` as its chat template, so tools that only know chat messages
+(transformers' pipeline, vLLM's chat endpoint) render the same prompt (one user turn: the
+instruction) and stop at ``### End`` (listed in its generation_config's ``eos_token_id``).
 """
 
 from __future__ import annotations
@@ -129,3 +132,25 @@ def encode_examples(
         input_ids.append(prompt + completion)
         labels.append([IGNORE_INDEX] * len(prompt) + completion)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def dolly_chat_template(tokenizer: Any) -> str:
+    """A chat template that renders this format's prompt: one user turn is the instruction, an
+    assistant turn the response; a system turn is ignored (Dolly's intro is fixed).
+
+    Rendered and tokenized whole, it gives the ids of :func:`encode_prompt` (tested).
+    """
+    bos = "{{ bos_token }}" if _bos_ids(tokenizer) else ""
+    return (
+        "{%- if messages | selectattr('role', 'equalto', 'user') | list | length != 1 -%}"
+        "{{ raise_exception('A Dolly-format model answers one instruction: pass one user message.') }}"
+        "{%- endif -%}"
+        f"{bos}{{{{ {INTRO_BLURB!r} + '\n\n' }}}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        f"{{{{ {INSTRUCTION_KEY!r} + '\n' + message['content'] + '\n\n' + {RESPONSE_KEY_NL!r} }}}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        f"{{{{ message['content'] + '\n\n' + {END_KEY!r} }}}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )

@@ -51,6 +51,7 @@ from training.arguments import (
     resolve_precision,
     resolve_repo_path,
 )
+from training.chat import setup_problems
 from training.checkpoint_store import CheckpointStoreError, S3CheckpointStore
 from training.evaluation import (
     DEFAULT_EVAL_INSTRUCTIONS,
@@ -58,6 +59,7 @@ from training.evaluation import (
     evaluation_callback,
     load_eval_instructions,
 )
+from training.generate import end_marker, stop_token_ids
 from training.preemption import PreemptionWatch
 from training.progress import PROGRESS_FILE, progress_callback
 from training.run_history import eval_losses, missed_epoch_end, whole_train_loss
@@ -212,7 +214,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     eval_rows_for_generation = []
     if train_args.eval_instructions != "none":
         eval_rows_for_generation = load_eval_instructions(train_args.eval_instructions or DEFAULT_EVAL_INSTRUCTIONS)
-    data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows, cache_dir=cache_dir)
+    data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows, cache_dir=cache_dir,
+                                 prompt_format=data_args.prompt_format)
     train_rows, eval_rows = sample_and_split(
         data, sample_fraction=data_args.sample_fraction, test_size=data_args.test_size, seed=train_args.seed
     )
@@ -234,15 +237,23 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     with args.main_process_first(desc="base model conversion and tokenization"):
         model_path = resolve_base_model(model_args.base_model, cache_dir)
-        tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
-        train_set, dropped_train = tokenize_rows(
-            train_rows, tokenizer, max_seq_length=data_args.max_seq_length, cache_dir=cache_dir / "tokenized", split="train"
-        )
-        eval_set, dropped_eval = tokenize_rows(
-            eval_rows, tokenizer, max_seq_length=data_args.max_seq_length, cache_dir=cache_dir / "tokenized", split="eval"
-        )
+        tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code,
+                                   prompt_format=data_args.prompt_format, chat_template=data_args.chat_template)
+        if data_args.prompt_format == "chat":
+            problem = setup_problems(tokenizer, train_rows + eval_rows, model_args.base_model)
+            if problem:
+                raise SystemExit("Cannot train:\n  " + "\n  ".join(problem))
+        tokenized = {
+            split: tokenize_rows(rows, tokenizer, max_seq_length=data_args.max_seq_length, cache_dir=cache_dir / "tokenized",
+                                 split=split, prompt_format=data_args.prompt_format)
+            for split, rows in (("train", train_rows), ("eval", eval_rows))
+        }
+        (train_set, dropped_train), (eval_set, dropped_eval) = tokenized["train"], tokenized["eval"]
+    marker = end_marker(tokenizer)
+    _log(f"prompt format {data_args.prompt_format}: answers end at {marker} (ids {stop_token_ids(tokenizer)})")
     _log(
-        f"dropped rows longer than {data_args.max_seq_length} tokens: {dropped_train} train, {dropped_eval} eval"
+        f"dropped {'conversations' if data_args.prompt_format == 'chat' else 'rows'} longer than "
+        f"{data_args.max_seq_length} tokens: {dropped_train} train, {dropped_eval} eval"
     )
     if len(train_set) == 0 or len(eval_set) == 0:
         raise SystemExit(
@@ -376,6 +387,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         "eval_rows": len(eval_set),
         "dropped_long_rows": dropped_train + dropped_eval,
         "skipped_bad_rows": data.skipped_rows,
+        "prompt_format": data_args.prompt_format,
+        "end_marker": marker,
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
         "eval_loss_history": eval_history,

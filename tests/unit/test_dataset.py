@@ -57,7 +57,7 @@ def test_directory_splits_by_file_name(tmp_path):
     ("line", "expected"),
     [
         ('{"instruction": "Hi", "response": "Yo"', "line 2: not valid JSON"),
-        ('{"instruction": "Hi", "context": ""}', "line 2: no 'response' (Dolly schema) or 'output' (Alpaca schema)"),
+        ('{"instruction": "Hi", "context": ""}', "line 2: no 'response' (Dolly schema), 'output' (Alpaca), 'messages' or 'conversations' (ShareGPT)"),
         ('{"instruction": "Hi", "response": "  "}', "line 2: missing or empty 'response'"),
         ('{"instruction": "", "response": "Yo"}', "line 2: missing or empty 'instruction'"),
         ('{"response": "Yo"}', "line 2: missing or empty 'instruction'"),
