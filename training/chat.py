@@ -46,7 +46,7 @@ CHATML_TEMPLATE = (
 )
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
-# What every check renders: a system prompt and two exchanges.
+# What the checks render: a system prompt (when the data has one) and two exchanges.
 PROBE_ANSWER = "Sure: the probe answer."
 PROBE = [
     {"role": "system", "content": "You are terse."},
@@ -163,7 +163,7 @@ def instruction_messages(instruction: str, context: str = "", system: str = "") 
 def end_of_turn(tokenizer: Any) -> str:
     """The text a template closes an assistant turn with (``<|im_end|>``, ``<|eot_id|>``,
     ``<end_of_turn>``): what follows the answer, up to the next whitespace."""
-    text, spans = assistant_spans(tokenizer, PROBE)
+    text, spans = assistant_spans(tokenizer, PROBE[1:])  # without the system turn some templates refuse
     start, stop = spans[-1]
     turn = text[start:stop]
     at = turn.rfind(PROBE_ANSWER)
@@ -174,7 +174,7 @@ def end_of_turn(tokenizer: Any) -> str:
 def template_tokens(tokenizer: Any) -> list[str]:
     """The special tokens a rendered conversation uses (headers, end of turn, bos): under LoRA
     their embedding rows train, since base models often leave them untrained."""
-    text = render(tokenizer, PROBE)
+    text = render(tokenizer, PROBE[1:])
     special = set(tokenizer.all_special_ids) | {
         token_id for token_id, added in tokenizer.added_tokens_decoder.items() if added.special
     }

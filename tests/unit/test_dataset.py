@@ -76,6 +76,63 @@ def test_each_bad_row_names_file_and_line(tmp_path, line, expected):
     assert "--skip_bad_rows" in message  # the fix is named
 
 
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+                     {"role": "assistant", "content": "Bye."}]}
+SHAREGPT = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": " Hello. "}]}
+
+
+def turns(*pairs: tuple) -> str:
+    return json.dumps({"messages": [{"role": role, "content": content} for role, content in pairs]})
+
+
+def test_messages_and_sharegpt_rows_are_conversations_under_the_chat_format(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT, SHAREGPT, GOOD])
+    data = load_instruction_data(str(path), prompt_format="chat")
+    assert data.train[0] == {"messages": CHAT["messages"], "category": ""}
+    assert data.train[1]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert data.train[2] == GOOD  # Dolly rows stay Dolly rows: the chat template renders them as one exchange
+    assert data.schema_counts == {"messages": 1, "sharegpt": 1, "dolly": 1}
+
+
+def test_the_dolly_format_takes_single_exchanges_and_refuses_conversations(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [SHAREGPT, CHAT])
+    with pytest.raises(DatasetError) as err:
+        load_instruction_data(str(path))
+    assert f"{path} line 2: a conversation with 5 turns; the Dolly prompt format holds one user turn" in str(err.value)
+    assert "--prompt_format chat" in str(err.value)
+    data = load_instruction_data(str(path), skip_bad_rows=True)
+    assert data.train == [{"instruction": "Hi", "context": "", "response": "Hello.", "category": ""}]
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (turns(("user", "Hi"), ("bot", "Yo")), "turn 2 has unknown role 'bot' (use system, user, assistant)"),
+        (turns(("user", "Hi"), ("assistant", " ")), "turn 2 (assistant) has a missing or empty 'content'"),
+        (turns(("user", "Hi")), "no assistant turn (nothing to learn)"),
+        (turns(("user", "Hi"), ("user", "Again"), ("assistant", "Yo")), "turns out of order: turn 2 is user, expected assistant"),
+        (turns(("assistant", "Yo"), ("user", "Hi"), ("assistant", "Yo")), "turns out of order: turn 1 is assistant, expected user"),
+        (turns(("user", "Hi"), ("assistant", "Yo"), ("system", "Late")), "turns out of order: turn 3 is system, expected user"),
+        (turns(("user", "Hi"), ("assistant", "Yo"), ("user", "And?")), "the last turn is user with no assistant answer"),
+        ('{"messages": []}', "'messages' must be a non-empty list of turns"),
+        ('{"messages": ["Hi"]}', "turn 1 is not an object"),
+        (json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "chatgpt", "value": "Yo"}]}),
+         "turn 2 has unknown from 'chatgpt' (use system, human, gpt)"),
+        (json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt"}]}),
+         "turn 2 (gpt) has a missing or empty 'value'"),
+        (json.dumps({"conversations": [{"from": "gpt", "value": "Yo"}]}), "turns out of order: turn 1 is gpt, expected human"),
+    ],
+)
+def test_each_bad_conversation_names_file_line_and_turn(tmp_path, line, expected):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(CHAT) + "\n" + line + "\n")
+    with pytest.raises(DatasetError) as err:
+        load_instruction_data(str(path), prompt_format="chat")
+    assert f"{path} line 2: {expected}" in str(err.value)
+    assert "1 bad row(s)" in str(err.value)
+
+
 def test_every_bad_row_is_reported_at_once(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(["{oops", json.dumps(GOOD), '{"instruction": "x"}', "[]"]) + "\n")
