@@ -3,7 +3,8 @@
 Fine-tunes the bundled SmolLM2-135M-Instruct on the bundled sample (~7 minutes on 2 cores), then
 checks what the issues promise: eval loss falls; more of the tuned model's answers to the shipped
 evaluation instructions end at `### End` than the base model's; the `training` card shows the
-curves and the evaluation table; the saved model answers held-out instructions and stops.
+curves and the evaluation table; the saved model answers held-out instructions and stops, also
+in a plain transformers pipeline given chat messages.
 """
 
 from __future__ import annotations
@@ -67,3 +68,19 @@ def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
     assert all(a.text for a in answers), answers
     ended = sum(a.ended for a in answers)
     assert ended >= 4, [(a.text, a.ended) for a in answers]
+
+    # Without our code: a plain transformers pipeline renders the model's saved chat template (the
+    # Dolly prompt) for chat messages, and its generation_config stops it at ### End. Greedy, as
+    # the run's evaluation (the pipeline samples by default): the same answers, ended short of the token limit.
+    from transformers import pipeline
+
+    chat = pipeline("text-generation", model=str(location))
+    limit = evaluation[-1]["decoding"]["max_new_tokens"]
+    # A chat message is the instruction alone: the instructions that come with a context are left out.
+    with_context = {r["instruction"] for r in read_jsonl(REPO / "training" / "data" / "eval_instructions.jsonl") if r["context"]}
+    final = [a for a in evaluation[-1]["answers"] if a["ended"] and a["instruction"] not in with_context]
+    assert final, evaluation[-1]
+    for answer in final:
+        reply = chat([{"role": "user", "content": answer["instruction"]}], max_new_tokens=limit, do_sample=False)[0]["generated_text"][-1]
+        assert reply["content"].strip() == answer["response"], (reply, answer)
+        assert len(chat.tokenizer(reply["content"], add_special_tokens=False)["input_ids"]) < limit, reply
