@@ -284,8 +284,9 @@ class DollyFlow(FlowSpec):
             else:
                 problems += peft_problems(model_args, resolved_model)
                 chat_settings_ok = not check_chat_template_setting(data_args.prompt_format, data_args.chat_template)
-                if data_args.prompt_format == "chat" and data is not None and chat_settings_ok:
-                    problems += chat_template_problems(model_args, data_args, resolved_model, data.train + data.eval)
+                if data_args.prompt_format == "chat" and chat_settings_ok:
+                    rows = data.train + data.eval if data is not None else []
+                    problems += chat_template_problems(model_args, data_args, resolved_model, rows)
         # What the config declares about the hardware against the plan: precision, /dev/shm,
         # GPU memory. The train node checks again with its real facts.
         findings, self.preflight_start = start_preflight(self.settings, model_args, data_args, train_args,

@@ -48,7 +48,7 @@ def test_run_help_lists_parameters_with_help():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for name in ("--base-model", "--dataset", "--epochs", "--max-steps", "--learning-rate", "--batch-size",
-                 "--deepspeed-config"):
+                 "--deepspeed-config", "--peft", "--prompt-format", "--chat-template"):
         assert name in result.stdout, name
 
 
@@ -65,7 +65,11 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
     file per run."""
     malformed = tmp / "bad.jsonl"
     malformed.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a", \n')
-    no_response = write_jsonl(tmp / "noresp.jsonl", [{"instruction": "a", "response": "b"}, {"instruction": "a"}])
+    no_response = write_jsonl(tmp / "noresp.jsonl", [
+        {"instruction": "a", "response": "b"}, {"instruction": "a"},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
+    ])
     stage_7 = tmp / "ds.json"
     stage_7.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
     bad_instructions = tmp / "eval.jsonl"
@@ -79,11 +83,12 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
              "zero_optimization.stage 7", "no-model does not exist",
              "eval.jsonl line 2: needs a non-empty 'instruction' string"],
         ),
-        "malformed JSON, missing instructions": (
+        "malformed JSON, missing instructions, chat without a template": (
             str(tiny_config),
-            ["--dataset", str(malformed), "--eval-instructions", str(tmp / "nothing.jsonl")],
+            ["--dataset", str(malformed), "--eval-instructions", str(tmp / "nothing.jsonl"), "--prompt-format", "chat"],
             ["bad.jsonl line 2: not valid JSON", "or set config training.skip_bad_rows to skip",
-             "nothing.jsonl does not exist"],
+             "nothing.jsonl does not exist",
+             "has no chat template. Set one with --chat-template chatml (adds <|im_start|>/<|im_end|>)"],
         ),
         # A typo in the config's training section is an error, not a silently ignored setting.
         "row without a response, unknown config key, LoRA settings": (
@@ -91,6 +96,8 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
                          lora_target_modules="q_proj,query_key_value"),
             ["--dataset", str(no_response), "--peft", "qlora", "--deepspeed-config", "ds_configs/zero3.json"],
             ["noresp.jsonl line 2: no 'response' (Dolly schema), 'output' (Alpaca)",
+             "noresp.jsonl line 3: a conversation with 4 turns; the Dolly prompt format holds one user turn",
+             "train it with --prompt-format chat",
              "unknown key 'gradient_checkpoint'. Did you mean 'gradient_checkpointing'?",
              "config training.lora_r: must be a positive rank (8, 16, 64...), got 0.",
              "config training.lora_target_modules: query_key_value not in ",
@@ -101,7 +108,7 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
 
 
 @pytest.mark.parametrize("case", ["missing data, numbers, model, DeepSpeed, instructions",
-                                  "malformed JSON, missing instructions",
+                                  "malformed JSON, missing instructions, chat without a template",
                                   "row without a response, unknown config key, LoRA settings"])
 def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, case):
     config, args, expected = bad_input_runs(tiny_config, tmp_path)[case]

@@ -13,6 +13,10 @@ Runs on its own, without Metaflow:
     python -m training.trainer --peft qlora --base_model Qwen/Qwen3-8B-Base --precision bf16 \\
         --gradient_checkpointing true --merge_adapter false --dataset databricks/databricks-dolly-15k
 
+    # conversations (messages/ShareGPT rows, Dolly rows too) in the model's own chat template
+    python -m training.trainer --prompt_format chat --output_dir outputs/chat
+    python -m training.trainer --prompt_format chat --chat_template chatml --base_model EleutherAI/pythia-410m
+
     # Dolly v2 itself on 4 GPUs (hub access needed)
     deepspeed --num_gpus 4 --module training.trainer \\
         --base_model EleutherAI/pythia-2.8b --dataset databricks/databricks-dolly-15k \\

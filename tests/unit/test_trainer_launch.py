@@ -102,3 +102,25 @@ def test_target_modules_the_model_lacks_are_listed_with_the_ones_it_has(tiny_mod
     ]
     model_args.lora_target_modules = "all-linear"
     assert peft_problems(model_args, str(tiny_model_dir)) == []
+
+
+def test_prompt_format_and_chat_template_reach_the_trainer_and_bad_values_are_named(tmp_path):
+    assert training_section_problems({"prompt_format": "chat", "chat_template": "chatml"}) == []
+    _, data_args, _ = parse_args(trainer_arguments(**FLOW_VALUES, prompt_format="chat", chat_template="chatml",
+                                                   training={}))
+    assert (data_args.prompt_format, data_args.chat_template) == ("chat", "chatml")
+    assert find_problems(*parse_args(trainer_arguments(**FLOW_VALUES, prompt_format="chat", chat_template="chatml",
+                                                       training={}))) == []
+
+    def problems(prompt_format: str, chat_template: str) -> list[str]:
+        argv = trainer_arguments(**FLOW_VALUES, prompt_format=prompt_format, chat_template=chat_template, training={})
+        return find_problems(*parse_args(argv))
+
+    assert problems("chatty", "") == ["--prompt_format: 'chatty' is not one of dolly, chat."]
+    assert problems("dolly", "chatml") == ["--chat_template chatml: applies to --prompt_format chat only (this run: "
+                                           "dolly); drop it, or set --prompt_format chat."]
+    (missing,) = problems("chat", str(tmp_path / "none.jinja"))
+    assert missing.startswith(f"--chat_template: {tmp_path / 'none.jinja'} is neither 'chatml' nor an existing Jinja file")
+    template = tmp_path / "mine.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}")
+    assert problems("chat", str(template)) == []
