@@ -21,7 +21,6 @@ Run it:
 """
 
 import json
-import re
 from pathlib import Path
 
 # isort: off
@@ -44,16 +43,15 @@ from metaflow import (
     step,
 )
 from metaflow.exception import MetaflowException
-from model_store import LocalModelStore, resolve_resume_from, run_s3_root, s3_endpoint_env
-from preflight_checks import node_preflight, start_preflight
+from model_store import LocalModelStore, s3_endpoint_env
+from preflight_checks import node_preflight
+from run_inputs import InputChecker, in_flow_terms, run_wide_problems
 from run_summary import load_instructions, summary_components
 from trainer_launch import (
     Nodes,
     launch_command,
     release_shared_memory,
     run_streaming,
-    trainer_arguments,
-    training_section_problems,
     visible_gpus,
 )
 from training_card import LiveTrainingCard
@@ -63,23 +61,6 @@ from training.preflight import format_findings
 from training.progress import PROGRESS_FILE
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-# The trainer's flags that this flow exposes as parameters; every other trainer flag is set by
-# the config's "training" section. Problems are reported in the flow's terms.
-PARAMETER_FOR_FLAG = {
-    "base_model": "--base-model",
-    "dataset": "--dataset",
-    "deepspeed": "--deepspeed-config",
-    "epochs": "--epochs",
-    "max_steps": "--max-steps",
-    "learning_rate": "--learning-rate",
-    "per_device_train_batch_size": "--batch-size",
-    "peft": "--peft",
-    "prompt_format": "--prompt-format",
-    "chat_template": "--chat-template",
-}
-CONFIG_KEY_FOR_FLAG = {"per_device_eval_batch_size": "eval_batch_size"}
-
 
 class PreflightFailed(MetaflowException):
     """The train node cannot run the planned training (wrong GPUs, driver, /dev/shm, disk...)."""
@@ -91,18 +72,6 @@ class InvalidRunInputs(MetaflowException):
     """One or more inputs cannot work; raised in `start` with every problem and its fix."""
 
     headline = "Invalid DollyFlow inputs"
-
-
-def in_flow_terms(problem: str) -> str:
-    """Rename trainer flags in a problem to the flow parameter or config key that sets them."""
-
-    def rename(match: re.Match) -> str:
-        name = match.group(1)
-        if name in PARAMETER_FOR_FLAG:
-            return PARAMETER_FOR_FLAG[name]
-        return f"config training.{CONFIG_KEY_FOR_FLAG.get(name, name)}"
-
-    return re.sub(r"--(\w+)", rename, problem)
 
 
 # training/, gpu_profile/ and ds_configs/ live beside flows/, not in it: ship them in the code
@@ -216,120 +185,27 @@ class DollyFlow(FlowSpec):
 
     def check_inputs(self) -> None:
         """Every check of `start`, shared with DollyMultiNodeFlow: raises InvalidRunInputs."""
-        from training.adapters import peft_problems
-        from training.arguments import find_problems, parse_args
-        from training.base_model import BaseModelError, check_base_model, resolve_base_model
-        from training.chat import check_chat_template_setting
-        from training.checkpoint_store import CheckpointStoreError
-        from training.dataset import DatasetError, load_instruction_data
-        from training.evaluation import (
-            DEFAULT_EVAL_INSTRUCTIONS,
-            EvalInstructionsError,
-            load_eval_instructions,
-        )
-
-        self.trainer_argv = trainer_arguments(
-            base_model=self.base_model,
-            dataset=self.dataset,
-            deepspeed_config=self.deepspeed_config,
-            epochs=self.epochs,
-            max_steps=self.max_steps,
-            learning_rate=self.learning_rate,
-            batch_size=self.batch_size,
-            peft=self.peft,
-            training=self.settings.training,
-            prompt_format=self.prompt_format,
-            chat_template=self.chat_template,
-        ) + ["--eval_instructions", self.eval_instructions]
-        # The trainer's own parser and checks: start fails with the message the trainer would print.
-        model_args, data_args, train_args = parse_args(self.trainer_argv)
-        problems = training_section_problems(dict(self.settings.training))
-        problems += find_problems(model_args, data_args, train_args)
-        # Where checkpoints and the model go: the parameter, else this run's S3 prefix, else "".
-        self.checkpoint_root = (self.checkpoint_uri or run_s3_root(current.flow_name, current.run_id)).rstrip("/")
-        if self.checkpoint_root and not self.checkpoint_root.startswith("s3://"):
-            problems.append(f"--checkpoint-uri: {self.checkpoint_uri!r} is not an s3:// URL.")
-        self.resume_checkpoint = ""
-        if self.resume_from:
-            try:
-                self.resume_checkpoint = resolve_resume_from(self.resume_from)
-            except (ValueError, KeyError, CheckpointStoreError) as err:
-                problems.append(f"--resume-from: {err}")
-        nodes = int(self.settings.get("num_nodes", 1))
-        if nodes > 1 and not self.MULTI_NODE:
-            problems.append(
-                f"config num_nodes is {nodes}: run this preset with flows/dolly_multinode_flow.py "
-                "(the same flow with train as a @parallel gang), or set num_nodes to 1."
-            )
-        if self.eval_instructions != "none":
-            try:
-                load_eval_instructions(self.eval_instructions or DEFAULT_EVAL_INSTRUCTIONS)
-            except EvalInstructionsError as err:
-                problems.append(str(err))
-        # Every problem at once: the data is checked even when a number is already wrong.
-        try:
-            data = load_instruction_data(data_args.dataset, skip_bad_rows=data_args.skip_bad_rows,
-                                         prompt_format=data_args.prompt_format)
-        except DatasetError as err:
-            problems.append(str(err))
-            data = None
-        resolved_model = model_args.base_model
-        # Resolving may convert the bundled model (~30 s once): only worth it if all else is fine.
-        # Another model resolves at once and its layers are checked with the other inputs.
-        if not check_base_model(model_args.base_model) and (not problems or not model_args.base_model.startswith("bundled:")):
-            try:
-                resolved_model = resolve_base_model(model_args.base_model)
-            except BaseModelError as err:
-                problems.append(str(err))
-            else:
-                problems += peft_problems(model_args, resolved_model)
-                chat_settings_ok = not check_chat_template_setting(data_args.prompt_format, data_args.chat_template)
-                if data_args.prompt_format == "chat" and chat_settings_ok:
-                    rows = data.train + data.eval if data is not None else []
-                    problems += chat_template_problems(model_args, data_args, resolved_model, rows)
-        # What the config declares about the hardware against the plan: precision, /dev/shm,
-        # GPU memory. The train node checks again with its real facts.
-        findings, self.preflight_start = start_preflight(self.settings, model_args, data_args, train_args,
-                                                         resolved_model)
-        problems += [f.message for f in findings if f.severity == "error"]
-        for warning in (f for f in findings if f.severity == "warning"):
-            print(f"Preflight warning [{warning.code}]: {in_flow_terms(warning.message)}")
+        problems = run_wide_problems(self, current.flow_name, current.run_id)
+        run_problems, checked = InputChecker(self).check({}, already_wrong=bool(problems))
+        problems += run_problems
+        for warning in checked.warnings:
+            print(warning)
         if problems:
-            raise InvalidRunInputs(
-                "DollyFlow cannot start:\n  "
-                + "\n  ".join(in_flow_terms(p).replace("\n", "\n  ") for p in problems)
-            )
-
+            raise InvalidRunInputs("DollyFlow cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
+        self.trainer_argv, self.config, self.preflight_start = checked.trainer_argv, checked.config, checked.preflight
+        data = checked.data
         self.dataset_fingerprint = data.fingerprint
-        self.config = {
-            "preset": self.settings.name,
-            "resources": dict(self.settings.resources),
-            "base_model": model_args.base_model,
-            "base_model_resolved": resolved_model,
-            "dataset": data_args.dataset,
-            "dataset_rows": {"train": len(data.train), "eval": len(data.eval)},
-            "deepspeed_config": train_args.deepspeed,
-            "trainer_argv": self.trainer_argv,
-            "training": {
-                **dict(self.settings.training),
-                "epochs": self.epochs,
-                "max_steps": self.max_steps,
-                "learning_rate": self.learning_rate,
-                "batch_size": self.batch_size,
-                "peft": self.peft,
-                "prompt_format": self.prompt_format,
-                "chat_template": self.chat_template,
-            },
-        }
         print(
             f"Checkpoints and model: {self.checkpoint_root}" if self.checkpoint_root else
             "Checkpoints and model stay on the train node's local disk (no S3 configured; "
             "set --checkpoint-uri or METAFLOW_DATASTORE_SYSROOT_S3)."
         )
+        training = self.config["training"]
         print(
-            f"Inputs OK: {model_args.base_model} on {data_args.dataset} "
+            f"Inputs OK: {self.config['base_model']} on {self.config['dataset']} "
             f"({len(data.train)} train / {len(data.eval)} eval rows, fingerprint {data.fingerprint[:12]}), "
-            f"{data_args.prompt_format} prompt format, DeepSpeed {train_args.deepspeed or 'off'}, preset {self.settings.name}."
+            f"{training['prompt_format']} prompt format, DeepSpeed {self.config['deepspeed_config'] or 'off'}, "
+            f"preset {self.settings.name}."
         )
 
     # Preemptible GPUs: a retried attempt resumes from the newest valid checkpoint in S3.
@@ -349,12 +225,16 @@ class DollyFlow(FlowSpec):
         self.train_on_this_node()
         self.next(self.end)
 
-    def train_on_this_node(self, nodes: Nodes | None = None) -> None:
+    def train_on_this_node(self, nodes: Nodes | None = None, branch: str = "") -> None:
         """The train step's work on one node; node 0 (the only one without `nodes`) also
-        publishes the model and sets `training_metrics`, `evaluation`, `model_location`."""
+        publishes the model and sets `training_metrics`, `evaluation`, `model_location`.
+
+        ``branch``: one of several trainings of the run (a sweep point, ``point-2``), with its
+        own local directory and S3 prefix."""
         nodes = nodes or Nodes()
         store = LocalModelStore(Path(self.settings.get("model_root", "models")))
-        workdir = store.workdir(current.flow_name, current.run_id, node=nodes.rank)
+        workdir = store.workdir(current.flow_name, current.run_id, node=nodes.rank, branch=branch)
+        checkpoint_root = f"{self.checkpoint_root}/{branch}" if self.checkpoint_root and branch else self.checkpoint_root
         gpus = visible_gpus()
         ranks = gpus or 1
         print(f"Training on {f'{gpus} GPU(s)' if gpus else 'CPU (1 rank)'}{nodes.describe()}; output in {workdir}")
@@ -367,12 +247,12 @@ class DollyFlow(FlowSpec):
                 # raised inside: the card's final render shows the failure and the findings
                 raise PreflightFailed(in_flow_terms(format_findings(findings)))
         argv = [*self.trainer_argv, "--output_dir", str(workdir)]
-        if self.checkpoint_root:
+        if checkpoint_root:
             # A retry (@retry), `resume`, or a fresh run alike: continue from the newest valid
             # checkpoint of this run if there is one, else start from the base model. On several
             # nodes every node uploads its part of each checkpoint and downloads its part back.
             resume = self.resume_checkpoint if self.resume_checkpoint and current.retry_count == 0 else "latest"
-            argv += ["--s3_uri", self.checkpoint_root, "--resume_from", resume]
+            argv += ["--s3_uri", checkpoint_root, "--resume_from", resume]
         elif self.resume_checkpoint:
             argv += ["--resume_from", self.resume_checkpoint]
         # World rank 0 (on node 0) writes the metrics stream; other nodes' cards point there.
@@ -420,22 +300,6 @@ class DollyFlow(FlowSpec):
         print("Cards: card view train --id training · card view train --id gpu_profile · card view end")
         how = load_instructions(self.model_location, pathspec)  # markdown for the card
         print("Answer instructions with it:\n" + "\n".join(line for line in how.splitlines() if not line.startswith("```")))
-
-
-def chat_template_problems(model_args, data_args, model_path: str, rows: list) -> list[str]:
-    """What stops --prompt-format chat with this model's tokenizer: no template, one that cannot
-    render the data's turns, or whose answers cannot be located exactly (training.chat)."""
-    from training.base_model import load_tokenizer
-    from training.chat import setup_problems
-
-    try:
-        tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code,
-                                   prompt_format="chat", chat_template=data_args.chat_template)
-    except OSError as err:  # a hub model on a laptop without hub access: the train node checks again
-        print(f"Preflight warning [chat-template]: could not load the tokenizer of {model_path} ({err}); "
-              "the chat template is checked on the train node.")
-        return []
-    return setup_problems(tokenizer, rows, model_args.base_model)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from pathlib import Path
 class LocalModelStore:
     root: Path
 
-    def workdir(self, flow_name: str, run_id: str, node: int = 0) -> Path:
+    def workdir(self, flow_name: str, run_id: str, node: int = 0, branch: str = "") -> Path:
         """The directory the trainer writes the model, checkpoints and logs into.
 
         Nodes after the first (a multi-node gang) get their own: on one host they must not
-        write their checkpoint shards over node 0's."""
-        path = (self.root / flow_name / (f"{run_id}-node{node}" if node else str(run_id))).resolve()
+        write their checkpoint shards over node 0's. So does each branch of a sweep
+        (``<run id>/point-2``)."""
+        name = f"{run_id}-node{node}" if node else str(run_id)
+        path = (self.root / flow_name / name / branch if branch else self.root / flow_name / name).resolve()
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -1,9 +1,10 @@
-"""Finding a DollyFlow run's model through the Metaflow client.
+"""Finding a run's model through the Metaflow client (DollyFlow, or a sweep's best point).
 
     from training.metaflow_runs import run_model_location
     run_model_location()                    # the latest successful run of this user
     run_model_location("DollyFlow/1764412345678")
     run_model_location("1764412345678")     # a run id of DollyFlow
+    run_model_location("DollySweepFlow/1764412345679")   # the best point's model
 
 Local runs are found through the ``.metaflow`` directory of the working directory (or a parent):
 run this from where the flow ran. With a metadata service (``metaflow configure``), anywhere.
@@ -61,7 +62,9 @@ def run_model_location(run: str | None = None, flow_name: str = FLOW_NAME) -> st
                 f"Run {pathspec} did not finish successfully, so it published no model. Finish it "
                 f"with `python flows/dolly_flow.py resume --origin-run-id {found.id}`, or pick another run."
             )
-    try:
-        return found["train"].task.data.model_location
-    except (KeyError, AttributeError):
-        raise RunLookupError(f"Run {found.pathspec} has no model_location artifact in its train step.") from None
+    # The end step's artifacts: the trained model (DollyFlow, DollyMultiNodeFlow) or the best
+    # point's (DollySweepFlow).
+    location = getattr(found.data, "model_location", None) if found.data is not None else None
+    if not location:
+        raise RunLookupError(f"Run {found.pathspec} has no model_location artifact.")
+    return location
