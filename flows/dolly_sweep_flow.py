@@ -22,6 +22,12 @@ Run it:
 
 import time
 
+# isort: off
+from training.metaflow_runs import ensure_metaflow_user
+
+ensure_metaflow_user()  # before Metaflow reads the user: a root container runs as "dolly"
+# isort: on
+
 from comparison_card import SELECTIONS, comparison_components, pick_best, result_row
 from dolly_flow import CONFIG_DIR, DollyFlow, InvalidRunInputs
 from kubernetes_settings import kubernetes_settings
