@@ -13,7 +13,7 @@ Steps:
 
 Run it:
     python flows/dolly_sweep_flow.py run                                 # bundled default: 2 points, CPU
-    python flows/dolly_sweep_flow.py run --grid "learning_rate=1e-4,3e-4 epochs=1,2" --max-workers 2
+    python flows/dolly_sweep_flow.py run --grid "learning_rate=1e-4,3e-4 epochs=1,2" --max-workers 1   # few cores: one at a time
     python flows/dolly_sweep_flow.py --config config flows/configs/a100x4.json run \\
         --grid "learning_rate=1e-5,2e-5" --with kubernetes                # one GPU pod per point
     python flows/dolly_sweep_flow.py card view compare --id comparison
