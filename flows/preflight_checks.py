@@ -59,23 +59,31 @@ def declared(settings: Any) -> HardwareFacts:
     )
 
 
-def _run(facts: HardwareFacts, plan: TrainingPlan, notes: list[Finding], where: str) -> tuple[list[Finding], dict]:
+def _run(facts: HardwareFacts, plan: TrainingPlan, notes: list[Finding], where: str,
+         size_known: bool = True) -> tuple[list[Finding], dict]:
     findings = check(facts, plan, where=where)
-    if notes:  # the size is unknown: drop the rules that would judge a 0-parameter model
+    if notes or not size_known:  # the size is unknown: drop the rules that would judge a 0-parameter model
         findings = [f for f in findings if f.code not in SIZE_RULES] + notes
     return findings, preflight_record(facts, plan, findings)
 
 
 def start_preflight(settings: Any, model_args: Any, data_args: Any, train_args: Any,
-                    model_path: str) -> tuple[list[Finding], dict | None]:
+                    model_path: str | None) -> tuple[list[Finding], dict | None]:
     """What `start` can judge from the config alone; ([], None) when the DeepSpeed config
-    itself is unreadable (start already reports that problem in its own words)."""
+    itself is unreadable (start already reports that problem in its own words).
+
+    ``model_path`` None: the model was not resolved (the bundled model is converted only when
+    every other input is right), so the rules that need its size are left out without a warning:
+    the run is refused for its other problems anyway."""
     from training.preflight import read_zero_settings
 
     try:
         read_zero_settings(train_args.deepspeed)
     except ValueError:
         return [], None
+    if model_path is None:
+        return _run(declared(settings), plan_from_args(model_args, data_args, train_args, num_parameters=0), [],
+                    "start", size_known=False)
     plan, notes = training_plan(model_args, data_args, train_args, model_path)
     return _run(declared(settings), plan, notes, "start")
 

@@ -99,6 +99,7 @@ class InputChecker:
         data, problem = self._load_data(data_args)
         problems += [problem] if problem else []
         resolved_model = model_args.base_model
+        model_resolved = False  # the model's config can be read (for its size) only once resolved
         # Resolving may convert the bundled model (~30 s once): only worth it if all else is fine.
         # Another model resolves at once and its layers are checked with the other inputs.
         bundled = model_args.base_model.startswith("bundled:")
@@ -107,6 +108,7 @@ class InputChecker:
             if problem:
                 problems.append(problem)
             else:
+                model_resolved = True
                 problems += peft_problems(model_args, resolved_model)
                 if data_args.prompt_format == "chat" and not check_chat_template_setting(
                         data_args.prompt_format, data_args.chat_template):
@@ -114,7 +116,8 @@ class InputChecker:
                     problems += chat_template_problems(model_args, data_args, resolved_model, rows)
         # What the config declares about the hardware against the plan: precision, /dev/shm,
         # GPU memory. The train node checks again with its real facts.
-        findings, preflight = start_preflight(flow.settings, model_args, data_args, train_args, resolved_model)
+        findings, preflight = start_preflight(flow.settings, model_args, data_args, train_args,
+                                              resolved_model if model_resolved else None)
         problems += [f.message for f in findings if f.severity == "error"]
         warnings = [f"Preflight warning [{f.code}]: {in_flow_terms(f.message)}" for f in findings if f.severity == "warning"]
         config = {

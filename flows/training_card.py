@@ -26,10 +26,11 @@ from matplotlib.figure import Figure
 from metaflow import current
 from metaflow.cards import Image, Markdown, Table
 
+from gpu_profile.live_card import METAFLOW_FLOOR_S, refresh_interval_s
 from training.progress import ProgressReader
 
 CARD_ID = "training"
-REFRESH_S = 5  # Metaflow's floor for runtime card refreshes
+REFRESH_S = METAFLOW_FLOOR_S  # Metaflow drops a refresh sooner than this after the previous one
 ANSWER_CHARS = 280  # an answer longer than this is cut in the table (the artifact has it whole)
 _FIGSIZE, _DPI = (9, 2.4), 80  # 720 x 192 pixels, like the gpu_profile card
 CURVES = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second")
@@ -235,7 +236,8 @@ class LiveTrainingCard:
         return {name: view[name] for name in CURVES}
 
     def _loop(self) -> None:
-        while not self._stop.wait(REFRESH_S):
+        # Each redraw is a process: spaced by the CPUs (gpu_profile/live_card.py).
+        while not self._stop.wait(refresh_interval_s()):
             self.reader.poll()
             self._render()  # also when nothing is new: elapsed time and ETA move on
 

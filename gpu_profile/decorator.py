@@ -29,8 +29,9 @@ from metaflow import current
 from metaflow.exception import MetaflowException
 from metaflow.user_decorators.user_step_decorator import StepMutator, UserStepDecorator
 
+from gpu_profile.live_card import METAFLOW_FLOOR_S, refresh_interval_s
+
 CARD_ID = "gpu_profile"
-CARD_REFRESH_S = 5  # Metaflow's own floor for runtime card refreshes
 
 
 class GpuProfileError(MetaflowException):
@@ -62,9 +63,13 @@ class gpu_profile(StepMutator):  # noqa: N801 -- decorators are lower case, like
     def pre_mutate(self, mutable_step: Any) -> None:
         # Metaflow 2.19 gives mutators no public step name; the decorated function has it.
         interval = _check_interval(self.interval, self._my_step.__name__)
+        try:
+            refresh_interval_s()  # a bad DOLLY_CARD_REFRESH_S stops the flow before any task
+        except ValueError as err:
+            raise GpuProfileError(f"@gpu_profile: {err}") from None
         mutable_step.add_decorator(
             "card",
-            deco_kwargs={"type": "blank", "id": CARD_ID, "refresh_interval": CARD_REFRESH_S},
+            deco_kwargs={"type": "blank", "id": CARD_ID, "refresh_interval": METAFLOW_FLOOR_S},
         )
         mutable_step.add_decorator(GpuProfileSampling, deco_kwargs={"interval": interval})
 
@@ -103,7 +108,9 @@ class GpuProfileSampling(UserStepDecorator):
             signal.raise_signal(signal.SIGTERM)
 
     def _refresh_loop(self) -> None:
-        while not self._stopping.wait(CARD_REFRESH_S):
+        # Each redraw is a process: spaced by the CPUs (gpu_profile/live_card.py), or it would
+        # take the CPU time the profile is there to show.
+        while not self._stopping.wait(refresh_interval_s()):
             self._render(final=False)
 
     def _render(self, final: bool) -> None:

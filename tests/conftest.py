@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -428,6 +429,26 @@ def tiny_run(tiny_config, flow_home) -> tuple:
                          cwd=str(flow_home), config=[("config", str(tiny_config))]).run() as running:
         assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
         return running.run, running.stdout
+
+
+def _card_pictures():
+    """benchmarks/card_pictures.py, whose headless-Chromium settings the browser tests share."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("card_pictures", REPO / "benchmarks" / "card_pictures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CARD_PICTURES = _card_pictures()
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+
+
+def chromium_flags(profile_dir: Path, window: tuple[int, int]) -> list[str]:
+    """The headless, offline Chromium command (without the page) that benchmarks/card_pictures.py uses."""
+    return CARD_PICTURES.chromium_flags(CHROMIUM, profile_dir, window)
 
 
 def free_port() -> str:

@@ -75,6 +75,12 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
     bad_instructions = tmp / "eval.jsonl"
     bad_instructions.write_text('{"instruction": "ok"}\n{"context": "no instruction"}\n')
     return {
+        # The bundled model is converted only when every other input is right: a wrong number
+        # alone must not also bring a warning that its size could not be read.
+        "a wrong number on the default preset": (
+            str(REPO / "flows" / "configs" / "local-cpu.json"), ["--batch-size", "0"],
+            ["--batch-size: must be positive, got 0."],
+        ),
         "missing data, numbers, model, DeepSpeed, instructions": (
             str(tiny_config),
             ["--dataset", str(tmp / "nope.jsonl"), "--batch-size", "0", "--deepspeed-config", str(stage_7),
@@ -107,7 +113,8 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
     }
 
 
-@pytest.mark.parametrize("case", ["missing data, numbers, model, DeepSpeed, instructions",
+@pytest.mark.parametrize("case", ["a wrong number on the default preset",
+                                  "missing data, numbers, model, DeepSpeed, instructions",
                                   "malformed JSON, missing instructions, chat without a template",
                                   "row without a response, unknown config key, LoRA settings"])
 def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, case):
@@ -117,6 +124,7 @@ def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, case):
     assert "DollyFlow cannot start" in output, output[-3000:]
     missing = [message for message in expected if message not in output]
     assert not missing, (missing, output[-3000:])
+    assert "Preflight warning" not in output, output[-3000:]  # only the problems
     assert "/start/" in output and "/train/" not in output  # stopped before any training task
 
 

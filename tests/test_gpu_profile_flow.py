@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,11 @@ import pytest
 from tests.conftest import (
     REPO,
     card_components,
+    chromium_flags,
     component_types,
     flow_env,
     metaflow_runner,
+    needs_chromium,
     nvml_gpu_count,
     python_env,
     started,
@@ -105,20 +106,26 @@ def test_bad_interval_fails_flow_validation_naming_decorator_and_step(tmp_path):
     assert "@gpu_profile on step 'start': interval=-1" in output, output[-2000:]
     assert "Workflow starting" not in output  # refused before any task ran
 
+    # A bad redraw setting is refused at the same moment, with the fix.
+    fixed = flow.read_text().replace("interval=-1", "interval=1")
+    flow.write_text(fixed)
+    result = subprocess.run([sys.executable, str(flow), "run"], cwd=tmp_path,
+                            env=python_env(DOLLY_CARD_REFRESH_S="1"), capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "DOLLY_CARD_REFRESH_S='1': must be a number of seconds >= 5" in output, output[-2000:]
+    assert "Workflow starting" not in output
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+
+@needs_chromium
 def test_card_renders_charts_in_a_real_browser(cpu_run, tmp_path):
     html = tmp_path / "gpu_profile_card.html"
     html.write_text(profile_card_html(cpu_run["train"].task))
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "gpu_profile_card.png"
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000",
-             "--enable-logging=stderr", "--v=0", "--window-size=1200,1400"]
+    flags = chromium_flags(tmp_path / "chromium", (1200, 1400))
     dom = subprocess.run([*flags, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     # The card's own JavaScript turned the embedded JSON into elements: the chart is an <img>

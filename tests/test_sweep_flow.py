@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,10 @@ import pytest
 from tests.conftest import (
     REPO,
     card_components,
+    chromium_flags,
     flow_env,
     metaflow_runner,
+    needs_chromium,
     python_env,
     run_bounded,
     walk_components,
@@ -24,7 +25,6 @@ from tests.conftest import (
 
 FLOW = REPO / "flows" / "dolly_sweep_flow.py"
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def sweep_config(tiny_config: Path, directory: Path, sweep: dict) -> Path:
@@ -132,17 +132,14 @@ def test_bad_grids_and_points_stop_in_start_naming_the_point(tiny_config, flow_h
     assert "--grid: 'epochs' is not key=value[,value...]" in output
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+@needs_chromium
 def test_comparison_card_renders_in_a_real_browser(two_point_sweep, tmp_path):
     run, _ = two_point_sweep
     html = tmp_path / "comparison_card.html"
     html.write_text(comparison_html(run))
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "comparison_card.png"
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000",
-             "--enable-logging=stderr", "--v=0", "--window-size=1200,1600"]
+    flags = chromium_flags(tmp_path / "chromium", (1200, 1600))
     dom = subprocess.run([*flags, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     # The card's JavaScript built the page offline: the chart inline, the table's points.

@@ -109,7 +109,9 @@ def _bundled_model_dir(cache: Path) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent) as work:
             work_dir = Path(work)
             gguf = _find_gguf(work_dir)
-            print(f"Converting {gguf.name} to a safetensors model in {target} (once, ~30 s)")
+            # flush: a Metaflow task's stdout is a pipe; the line must come before the silence.
+            print(f"Converting the bundled {gguf.name} to a safetensors model in {target}: once per "
+                  "machine, ~30 s; later runs reuse it", flush=True)
             _convert_gguf(gguf, work_dir / "model")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(work_dir / "model", target)

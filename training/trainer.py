@@ -68,7 +68,7 @@ from training.preemption import PreemptionWatch
 from training.progress import PROGRESS_FILE, progress_callback
 from training.run_history import eval_losses, missed_epoch_end, whole_train_loss
 from training.s3_uploads import STAGING, BackgroundUploader, resolve_resume, upload_callback
-from training.shared_memory import remove_deepspeed_segments
+from training.shared_memory import cpu_comm_op_path, remove_deepspeed_segments
 
 METRICS_FILE = "metrics.json"
 UPLOADS_FILE = "s3_uploads.json"  # what went to S3, with manifests (files, sizes, sha256)
@@ -294,6 +294,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
          + (f"; {model_args.peft}: {trainable / 1e6:.3f}M trainable ({trainable / parameters:.2%})"
             if model_args.peft != "none" else "")
          + ("; frozen base weights in 4-bit NF4" if quantized else ""))
+    if not cuda and args.process_index == 0 and not cpu_comm_op_path().is_file():
+        # The first CPU run in a Python environment: DeepSpeed compiles this op before the first
+        # evaluation, with no output for a minute or two.
+        _log(f"DeepSpeed compiles its CPU communication op now: once per Python environment, ~90 s on "
+             f"2 cores, silent until it is done (kept in {cpu_comm_op_path().parent} for later runs)")
 
     preemption = PreemptionWatch(train_args.preemption_grace_s)
     # The metrics stream the flow's live card reads (rank 0 writes it); it comes first so that
