@@ -1,5 +1,6 @@
-"""DollySweepFlow as users run it, on the tiny model: two points in parallel, a point that fails,
-grids refused in `start`, the comparison card in a real browser, and the Argo compile."""
+"""DollySweepFlow as users run it, on the tiny model: one sweep of three points in parallel, one
+of which fails in its trainer; grids refused in `start`; the comparison card in a real browser;
+the Argo compile."""
 
 from __future__ import annotations
 
@@ -36,17 +37,16 @@ def sweep_config(tiny_config: Path, directory: Path, sweep: dict) -> Path:
     return path
 
 
-def run_sweep(config: Path, flow_home: Path, **parameters):
+@pytest.fixture(scope="module")
+def sweep_run(tiny_config, flow_home, tmp_path_factory):
+    """Three points at once: two learning rates, and a point that passes start's checks and then
+    fails in its trainer (every row is longer than its max_seq_length)."""
+    config = sweep_config(tiny_config, tmp_path_factory.mktemp("sweep"), {
+        "points": [{"learning_rate": 1e-3}, {"learning_rate": 1e-5}, {"max_seq_length": 24}]})
     with metaflow_runner(str(FLOW), show_output=False, env=flow_env(flow_home), cwd=str(flow_home),
-                         config=[("config", str(config))]).run(max_workers=2, **parameters) as running:
+                         config=[("config", str(config))]).run(max_workers=3) as running:
         assert running.status == "successful", running.stdout[-5000:] + running.stderr[-5000:]
         return running.run, running.stdout
-
-
-@pytest.fixture(scope="module")
-def two_point_sweep(tiny_config, flow_home, tmp_path_factory):
-    config = sweep_config(tiny_config, tmp_path_factory.mktemp("sweep"), {"learning_rate": [1e-3, 1e-5]})
-    return run_sweep(config, flow_home)
 
 
 def comparison_html(run) -> str:
@@ -56,11 +56,14 @@ def comparison_html(run) -> str:
     return card.get()
 
 
-def test_two_points_train_in_parallel_and_the_best_is_kept(two_point_sweep, flow_home):
-    run, log = two_point_sweep
+def test_points_train_in_parallel_a_failing_one_is_a_row_and_the_best_is_kept(sweep_run, flow_home):
+    run, log = sweep_run
     results = run["compare"].task.data.results
-    assert [r["settings"] for r in results] == [{"learning_rate": 1e-3}, {"learning_rate": 1e-5}]
-    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert [r["settings"] for r in results] == [{"learning_rate": 1e-3}, {"learning_rate": 1e-5}, {"max_seq_length": 24}]
+    assert [r["status"] for r in results] == ["ok", "ok", "failed"]
+    # The failing point is a row with its error; the sweep goes on and succeeds.
+    assert results[2]["error"] and results[2]["model_location"] is None
+    results = results[:2]
     for row in results:
         assert row["eval_loss_after"] is not None and row["tokens_per_second"] > 0 and row["wall_s"] > 0
         assert row["gpu_hours"] == 0.0  # CPU
@@ -69,7 +72,7 @@ def test_two_points_train_in_parallel_and_the_best_is_kept(two_point_sweep, flow
     assert results[0]["model_location"] != results[1]["model_location"]
     assert {Path(r["model_location"]).name for r in results} == {"point-1", "point-2"}
     train_tasks = list(run["train"])
-    assert len(train_tasks) == 2
+    assert len(train_tasks) == 3
     from metaflow.cards import get_cards
 
     for task in train_tasks:
@@ -81,34 +84,23 @@ def test_two_points_train_in_parallel_and_the_best_is_kept(two_point_sweep, flow
     assert f"best:learning_rate={lowest['settings']['learning_rate']}" in run.tags
     assert "Best (--select eval_loss): point" in log
 
-    # The comparison card: the table, one chart with both curves, each instruction's answers.
+    # The comparison card: the table (the failure in it), one chart with the finished points'
+    # curves, each instruction's answers from the finished points.
     components = card_components(comparison_html(run))
     texts = json.dumps(components)
-    assert "Sweep: 2 points, 2 finished, 0 failed" in texts
+    assert "Sweep: 3 points, 2 finished, 1 failed" in texts and "failed: " in texts
     images = [c for c in walk_components(components) if c.get("type") == "image"]
     assert len(images) == 1
     tables = [c for c in walk_components(components) if c.get("type") == "table"]
     instructions = len(run["train"].task.data.evaluation[-1]["answers"])
     assert len(tables) == 1 + instructions
-    assert all(len(t["data"]) == 2 for t in tables[1:])  # every instruction: one answer per point
+    assert all(len(t["data"]) == 2 for t in tables[1:])  # every instruction: one answer per finished point
 
     # The best point's model answers through the run's pathspec.
     result = run_bounded([sys.executable, "-m", "training.generate", "--run", run.pathspec, "--max-new-tokens", "4",
                           "Name a color."], cwd=flow_home, env=flow_env(flow_home), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"[model of run {run.pathspec}: {lowest['model_location']}]" in result.stdout
-
-
-def test_a_failing_point_is_a_row_with_its_error_and_the_sweep_succeeds(tiny_config, flow_home, tmp_path):
-    # The second point passes start's checks, then its trainer stops: every row is too long.
-    config = sweep_config(tiny_config, tmp_path, {"points": [{"learning_rate": 1e-3}, {"max_seq_length": 24}]})
-    run, _ = run_sweep(config, flow_home, select="ended_share")
-    results = run["compare"].task.data.results
-    assert [r["status"] for r in results] == ["ok", "failed"]
-    assert results[1]["error"] and results[1]["model_location"] is None
-    assert run["compare"].task.data.best["point"] == 0
-    texts = json.dumps(card_components(comparison_html(run)))
-    assert "Sweep: 2 points, 1 finished, 1 failed" in texts and "failed: " in texts
 
 
 def test_bad_grids_and_points_stop_in_start_naming_the_point(tiny_config, flow_home, tmp_path):
@@ -133,8 +125,8 @@ def test_bad_grids_and_points_stop_in_start_naming_the_point(tiny_config, flow_h
 
 
 @needs_chromium
-def test_comparison_card_renders_in_a_real_browser(two_point_sweep, tmp_path):
-    run, _ = two_point_sweep
+def test_comparison_card_renders_in_a_real_browser(sweep_run, tmp_path):
+    run, _ = sweep_run
     html = tmp_path / "comparison_card.html"
     html.write_text(comparison_html(run))
     ARTIFACTS.mkdir(exist_ok=True)
