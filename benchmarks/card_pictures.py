@@ -54,6 +54,19 @@ def screenshot(html: Path, png: Path, window: tuple[int, int], *, chromium: str 
                               capture_output=True, text=True, timeout=120)
     if shot.returncode != 0 or not png.is_file() or png.stat().st_size < 20_000:  # a blank page is a few KB
         raise RuntimeError(f"Chromium could not render {html}: {shot.stderr[-2000:]}")
+    trim_blank_bottom(png)
+
+
+def trim_blank_bottom(png: Path, margin: int = 24) -> None:
+    """Cut the white space under the page's content: a short card (a CPU node's profile) in a
+    window sized for a long one (a GPU node's) would otherwise be a mostly blank picture."""
+    from PIL import Image, ImageChops
+
+    with Image.open(png) as image:
+        page = image.convert("RGB")
+    content = ImageChops.difference(page, Image.new("RGB", page.size, (255, 255, 255))).getbbox()
+    if content and content[3] + margin < page.height:
+        page.crop((0, 0, page.width, content[3] + margin)).save(png)
 
 
 def train_task(pathspec: str) -> object:

@@ -297,8 +297,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if not cuda and args.process_index == 0 and not cpu_comm_op_path().is_file():
         # The first CPU run in a Python environment: DeepSpeed compiles this op before the first
         # evaluation, with no output for a minute or two.
-        _log(f"DeepSpeed compiles its CPU communication op now: once per Python environment, ~90 s on "
-             f"2 cores, silent until it is done (kept in {cpu_comm_op_path().parent} for later runs)")
+        _log(f"DeepSpeed compiles its CPU communication op now: once per Python environment, 40-90 s "
+             f"on 2 cores, silent until it is done (kept in {cpu_comm_op_path().parent} for later runs)")
 
     preemption = PreemptionWatch(train_args.preemption_grace_s)
     # The metrics stream the flow's live card reads (rank 0 writes it); it comes first so that

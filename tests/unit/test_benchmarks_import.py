@@ -23,7 +23,8 @@ def load(name: str):
 
 
 @pytest.mark.parametrize("name", ["trainer_vs_bare_loop", "startup_and_flow_overhead", "gpu_mfu",
-                                  "gpu_profile_overhead", "checkpoint_upload", "lora_vs_full"])
+                                  "gpu_profile_overhead", "checkpoint_upload", "lora_vs_full", "live_card_cost",
+                                  "card_pictures"])
 def test_benchmark_imports(name):
     assert callable(load(name).main)
 
