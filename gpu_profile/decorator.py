@@ -23,6 +23,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from metaflow import current
@@ -83,6 +84,7 @@ class GpuProfileSampling(UserStepDecorator):
         self._refresher: threading.Thread | None = None
         self._stopping = threading.Event()
         self._previous_sigterm: Any = None
+        self._rendered_at = 0.0
 
     def pre_step(self, step_name: str, flow: Any, inputs: Any = None) -> None:
         from gpu_profile.sampler import GpuSampler
@@ -108,6 +110,10 @@ class GpuProfileSampling(UserStepDecorator):
             signal.raise_signal(signal.SIGTERM)
 
     def _refresh_loop(self) -> None:
+        # The card exists from the start: Metaflow runs a card's first render in the background
+        # and does not wait for it, so a final render that was the first (a step failing before
+        # the first redraw) could be lost with the task's end; later ones are waited for.
+        self._render(final=False)
         # Each redraw is a process: spaced by the CPUs (gpu_profile/live_card.py), or it would
         # take the CPU time the profile is there to show.
         while not self._stopping.wait(refresh_interval_s()):
@@ -116,6 +122,11 @@ class GpuProfileSampling(UserStepDecorator):
     def _render(self, final: bool) -> None:
         from gpu_profile.render import card_components
 
+        if final:
+            # Metaflow drops a refresh sooner than its floor after the previous one, forced or
+            # not: wait that out, or the failure would not reach the card.
+            time.sleep(max(0.0, self._rendered_at + METAFLOW_FLOOR_S + 0.5 - time.monotonic()))
+        self._rendered_at = time.monotonic()
         try:
             components = card_components(self._sampler.snapshot())
             card = current.card[CARD_ID]
