@@ -59,10 +59,9 @@ def declared(settings: Any) -> HardwareFacts:
     )
 
 
-def _run(facts: HardwareFacts, plan: TrainingPlan, notes: list[Finding], where: str,
-         size_known: bool = True) -> tuple[list[Finding], dict]:
+def _run(facts: HardwareFacts, plan: TrainingPlan, notes: list[Finding], where: str) -> tuple[list[Finding], dict]:
     findings = check(facts, plan, where=where)
-    if notes or not size_known:  # the size is unknown: drop the rules that would judge a 0-parameter model
+    if not plan.num_parameters:  # the size is unknown: drop the rules that would judge a 0-parameter model
         findings = [f for f in findings if f.code not in SIZE_RULES] + notes
     return findings, preflight_record(facts, plan, findings)
 
@@ -83,7 +82,7 @@ def start_preflight(settings: Any, model_args: Any, data_args: Any, train_args: 
         return [], None
     if model_path is None:
         return _run(declared(settings), plan_from_args(model_args, data_args, train_args, num_parameters=0), [],
-                    "start", size_known=False)
+                    "start")
     plan, notes = training_plan(model_args, data_args, train_args, model_path)
     return _run(declared(settings), plan, notes, "start")
 

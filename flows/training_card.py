@@ -26,11 +26,10 @@ from matplotlib.figure import Figure
 from metaflow import current
 from metaflow.cards import Image, Markdown, Table
 
-from gpu_profile.live_card import METAFLOW_FLOOR_S, refresh_interval_s
+from gpu_profile.live_card import refresh_interval_s, wait_out_floor
 from training.progress import ProgressReader
 
 CARD_ID = "training"
-REFRESH_S = METAFLOW_FLOOR_S  # Metaflow drops a refresh sooner than this after the previous one
 ANSWER_CHARS = 280  # an answer longer than this is cut in the table (the artifact has it whole)
 _FIGSIZE, _DPI = (9, 2.4), 80  # 720 x 192 pixels, like the gpu_profile card
 CURVES = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second")
@@ -237,17 +236,15 @@ class LiveTrainingCard:
 
     def _loop(self) -> None:
         # Each redraw is a process: spaced by the CPUs (gpu_profile/live_card.py).
-        while not self._stop.wait(refresh_interval_s()):
+        interval = refresh_interval_s()
+        while not self._stop.wait(interval):
             self.reader.poll()
             self._render()  # also when nothing is new: elapsed time and ETA move on
 
     def _render(self, failed: str | None = None, force: bool = False) -> None:
-        if force:
-            # Metaflow drops any refresh within refresh_interval of the previous one, forced or
-            # not (and an async render still running): a failure right after the last redraw
-            # (a preflight error at once) would leave the card without it. Wait that out.
-            time.sleep(max(0.0, self._rendered_at + REFRESH_S + 0.5 - time.monotonic()))
-        self._rendered_at = time.monotonic()
+        # A forced render (a failure, e.g. a preflight error right after the first redraw) waits
+        # out Metaflow's floor, or it would be dropped.
+        self._rendered_at = wait_out_floor(self._rendered_at) if force else time.monotonic()
         try:
             card = current.card[self.card_id]
             card.clear()

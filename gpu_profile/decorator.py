@@ -30,7 +30,7 @@ from metaflow import current
 from metaflow.exception import MetaflowException
 from metaflow.user_decorators.user_step_decorator import StepMutator, UserStepDecorator
 
-from gpu_profile.live_card import METAFLOW_FLOOR_S, refresh_interval_s
+from gpu_profile.live_card import METAFLOW_FLOOR_S, refresh_interval_s, wait_out_floor
 
 CARD_ID = "gpu_profile"
 
@@ -116,17 +116,14 @@ class GpuProfileSampling(UserStepDecorator):
         self._render(final=False)
         # Each redraw is a process: spaced by the CPUs (gpu_profile/live_card.py), or it would
         # take the CPU time the profile is there to show.
-        while not self._stopping.wait(refresh_interval_s()):
+        interval = refresh_interval_s()
+        while not self._stopping.wait(interval):
             self._render(final=False)
 
     def _render(self, final: bool) -> None:
         from gpu_profile.render import card_components
 
-        if final:
-            # Metaflow drops a refresh sooner than its floor after the previous one, forced or
-            # not: wait that out, or the failure would not reach the card.
-            time.sleep(max(0.0, self._rendered_at + METAFLOW_FLOOR_S + 0.5 - time.monotonic()))
-        self._rendered_at = time.monotonic()
+        self._rendered_at = wait_out_floor(self._rendered_at) if final else time.monotonic()
         try:
             components = card_components(self._sampler.snapshot())
             card = current.card[CARD_ID]

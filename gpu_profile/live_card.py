@@ -4,7 +4,7 @@ Every redraw of a Metaflow runtime card is a new process (``flow.py card create`
 flow's imports, the render), about 2-3 CPU-seconds. At Metaflow's floor of one redraw per 5 s,
 the train step's two live cards (``training`` and ``gpu_profile``) kept one core of a 2-core
 machine busy and the trainer got the other: the default CPU run trained at about half the speed
-it reaches without them (``benchmarks/startup_and_flow_overhead.py`` measures a run). Redraws are
+it reaches without them (``benchmarks/live_card_cost.py`` measures both). Redraws are
 therefore spaced by the CPUs the step may use, so that they cost ~4% of them:
 
     refresh_interval_s()        # 60 s on 2 CPUs, 15 s on 8, 5 s (the floor) from 24 CPUs
@@ -14,6 +14,7 @@ therefore spaced by the CPUs the step may use, so that they cost ~4% of them:
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 METAFLOW_FLOOR_S = 5.0  # Metaflow drops a runtime refresh sooner than this after the previous one
@@ -51,3 +52,11 @@ def refresh_interval_s(cpus: float | None = None) -> float:
                              "for the default, which depends on the CPUs.")
         return seconds
     return max(METAFLOW_FLOOR_S, CPU_SECONDS_PER_MINUTE / (cpus if cpus is not None else usable_cpus()))
+
+
+def wait_out_floor(last_render: float) -> float:
+    """Sleep until a forced redraw would be taken, then return the time to record as its render
+    (``time.monotonic()``). Metaflow drops a refresh sooner than its floor after the previous
+    one, forced or not: a failure shown right after a redraw would not reach the card."""
+    time.sleep(max(0.0, last_render + METAFLOW_FLOOR_S + 0.5 - time.monotonic()))
+    return time.monotonic()

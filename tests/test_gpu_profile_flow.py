@@ -117,8 +117,6 @@ def test_bad_interval_fails_flow_validation_naming_decorator_and_step(tmp_path):
     assert "Workflow starting" not in output
 
 
-
-
 @needs_chromium
 def test_card_renders_charts_in_a_real_browser(cpu_run, tmp_path):
     html = tmp_path / "gpu_profile_card.html"

@@ -10,8 +10,8 @@ that ranks still hold. The names are the ones deepspeed/ops/csrc/cpu/comm/shm.cp
     remove_deepspeed_segments("29500", rank="0", addr="127.0.0.1")   # one rank's, at its exit
     remove_deepspeed_segments("29500")                                # every rank of a launch
 
-The op itself is compiled by torch's JIT the first time a Python environment needs it (~90 s on
-2 cores, silent): :func:`cpu_comm_op_path` says where it lands, so that the trainer can say so.
+The op itself is compiled by torch's JIT the first time a Python environment needs it (40-90 s
+on 2 cores, silent): :func:`cpu_comm_op_path` says where it lands, so that the trainer can say so.
 """
 
 from __future__ import annotations

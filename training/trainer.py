@@ -294,11 +294,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
          + (f"; {model_args.peft}: {trainable / 1e6:.3f}M trainable ({trainable / parameters:.2%})"
             if model_args.peft != "none" else "")
          + ("; frozen base weights in 4-bit NF4" if quantized else ""))
-    if not cuda and args.process_index == 0 and not cpu_comm_op_path().is_file():
+    comm_op = None if cuda or args.process_index != 0 else cpu_comm_op_path()
+    if comm_op is not None and not comm_op.is_file():
         # The first CPU run in a Python environment: DeepSpeed compiles this op before the first
         # evaluation, with no output for a minute or two.
         _log(f"DeepSpeed compiles its CPU communication op now: once per Python environment, 40-90 s "
-             f"on 2 cores, silent until it is done (kept in {cpu_comm_op_path().parent} for later runs)")
+             f"on 2 cores, silent until it is done (kept in {comm_op.parent} for later runs)")
 
     preemption = PreemptionWatch(train_args.preemption_grace_s)
     # The metrics stream the flow's live card reads (rank 0 writes it); it comes first so that
