@@ -43,7 +43,7 @@ from metaflow import (
     step,
 )
 from metaflow.exception import MetaflowException
-from model_store import LocalModelStore, s3_endpoint_env
+from model_store import LocalModelStore, resume_source, s3_endpoint_env
 from preflight_checks import node_preflight
 from run_inputs import InputChecker, in_flow_terms, run_wide_problems
 from run_summary import load_instructions, summary_components
@@ -165,8 +165,9 @@ class DollyFlow(FlowSpec):
         "checkpoint-uri",
         type=str,
         default="",
-        help="s3:// URL for checkpoints and the final model. Default: this run's prefix in "
-        "Metaflow's S3 data root when S3 is configured, else local disk only.",
+        help="s3:// URL under which this run keeps its checkpoints and final model "
+        "(<url>/<flow>/<run id>/). Default: this run's prefix in Metaflow's S3 data root when S3 "
+        "is configured, else local disk only.",
     )
     resume_from = Parameter(
         "resume-from",
@@ -247,14 +248,14 @@ class DollyFlow(FlowSpec):
                 # raised inside: the card's final render shows the failure and the findings
                 raise PreflightFailed(in_flow_terms(format_findings(findings)))
         argv = [*self.trainer_argv, "--output_dir", str(workdir)]
+        resume = resume_source(self.resume_checkpoint, retry_count=current.retry_count,
+                               resumed_run=bool(current.origin_run_id), uploads=bool(checkpoint_root))
         if checkpoint_root:
-            # A retry (@retry), `resume`, or a fresh run alike: continue from the newest valid
-            # checkpoint of this run if there is one, else start from the base model. On several
-            # nodes every node uploads its part of each checkpoint and downloads its part back.
-            resume = self.resume_checkpoint if self.resume_checkpoint and current.retry_count == 0 else "latest"
-            argv += ["--s3_uri", checkpoint_root, "--resume_from", resume]
-        elif self.resume_checkpoint:
-            argv += ["--resume_from", self.resume_checkpoint]
+            # On several nodes every node uploads its part of each checkpoint and downloads its
+            # part back.
+            argv += ["--s3_uri", checkpoint_root]
+        if resume:
+            argv += ["--resume_from", resume]
         # World rank 0 (on node 0) writes the metrics stream; other nodes' cards point there.
         command = launch_command(argv, ranks, nodes)
         with LiveTrainingCard(workdir / PROGRESS_FILE, node=nodes.rank, preflight=self.preflight) as live:

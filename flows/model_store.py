@@ -74,3 +74,17 @@ def resolve_resume_from(value: str) -> str:
     if not names:
         raise ValueError(f"run {value} has no complete checkpoint in {store.uri}.")
     return store.uri
+
+
+def resume_source(explicit: str, *, retry_count: int, resumed_run: bool, uploads: bool) -> str:
+    """The trainer's ``--resume_from`` for this attempt of the train step ("" to start fresh).
+
+    ``explicit`` (``--resume-from``) on the first attempt; ``latest`` (the newest valid
+    checkpoint in this run's own prefix) on a retry (``@retry``) or in Metaflow's ``resume`` of a
+    failed run, and only when checkpoints go to S3; a fresh run starts from the base model and
+    never looks at what another run left under a shared ``--checkpoint-uri``."""
+    if explicit and retry_count == 0:
+        return explicit
+    if uploads and (retry_count > 0 or resumed_run):
+        return "latest"
+    return ""

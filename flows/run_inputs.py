@@ -156,6 +156,19 @@ class InputChecker:
         return self._models[name]
 
 
+def checkpoint_root_of(checkpoint_uri: str, run_root: str, flow_name: str, run_id: str) -> str:
+    """Where this run's checkpoints and model go: its own prefix under ``--checkpoint-uri``
+    (``<uri>/<flow>/<run id>``), else ``run_root`` (this run's prefix in Metaflow's S3 data root),
+    else "" (local disk only).
+
+    Under the given URI, not at it: two runs given the same ``--checkpoint-uri`` would otherwise
+    resume from, prune and overwrite each other's checkpoints. A retry and Metaflow's ``resume``
+    keep the run's prefix (``resume`` clones `start`, which set it)."""
+    if checkpoint_uri:
+        return f"{checkpoint_uri.rstrip('/')}/{flow_name}/{run_id}"
+    return run_root.rstrip("/")
+
+
 def run_wide_problems(flow: Any, flow_name: str, run_id: str) -> list[str]:
     """Checks that do not depend on the training settings: where checkpoints go, what to resume
     from, the node count, the evaluation instructions. Sets ``flow.checkpoint_root`` and
@@ -170,10 +183,9 @@ def run_wide_problems(flow: Any, flow_name: str, run_id: str) -> list[str]:
     )
 
     problems = []
-    # Where checkpoints and the model go: the parameter, else this run's S3 prefix, else "".
-    flow.checkpoint_root = (flow.checkpoint_uri or run_s3_root(flow_name, run_id)).rstrip("/")
+    flow.checkpoint_root = checkpoint_root_of(flow.checkpoint_uri, run_s3_root(flow_name, run_id), flow_name, run_id)
     if flow.checkpoint_root and not flow.checkpoint_root.startswith("s3://"):
-        problems.append(f"--checkpoint-uri: {flow.checkpoint_uri!r} is not an s3:// URL.")
+        problems.append(f"--checkpoint-uri: {flow.checkpoint_uri!r} is not an s3:// URL; pass s3://bucket/prefix.")
     flow.resume_checkpoint = ""
     if flow.resume_from:
         try:
