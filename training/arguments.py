@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # auto: transformers' choice for the model (sdpa, PyTorch's fused attention, for Llama-like models).
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")  # DeepSpeed's OffloadDeviceEnum
 PEFT_METHODS = ("none", "lora", "qlora")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -243,23 +244,53 @@ def resolve_repo_path(path: str) -> Path:
 
 
 def check_deepspeed_config(path: str) -> list[str]:
-    """Problems with a DeepSpeed config file: missing, not JSON, or an unknown ZeRO stage."""
+    """Problems with a DeepSpeed config file: missing, not JSON, or wrong values in the
+    ``zero_optimization`` fields we read (stage, where the optimizer and parameters are offloaded)."""
+    from training.dataset import not_utf8
+
     resolved = resolve_repo_path(path)
     if not resolved.is_file():
         return [f"--deepspeed: {path} does not exist. Pass one of the files in ds_configs/."]
     try:
-        config = json.loads(resolved.read_text())
+        config = json.loads(resolved.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return [f"--deepspeed: {path} is {not_utf8(err)}; pass a JSON file such as ds_configs/zero2.json."]
     except json.JSONDecodeError as err:
         return [f"--deepspeed: {path} is not valid JSON (line {err.lineno}: {err.msg})."]
+    except RecursionError:  # json's C decoder recurses once per nesting level
+        return [f"--deepspeed: {path} is JSON nested deeper than Python's recursion limit; pass a "
+                "config such as ds_configs/zero2.json."]
     if not isinstance(config, dict):
         return [f"--deepspeed: {path} must hold a JSON object."]
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in ZERO_STAGES:
-        return [
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return [f"--deepspeed: {path} has zero_optimization {zero!r:.40}, a {_json_type(zero)}; it must be an "
+                'object such as {"stage": 2} (see ds_configs/zero2.json).']
+    problems = []
+    stage = zero.get("stage", 0)
+    # bool is an int in Python (True == 1): "stage": true must not pass as stage 1.
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        problems.append(
             f"--deepspeed: {path} has zero_optimization.stage {stage!r}; DeepSpeed knows "
             f"stages {', '.join(map(str, ZERO_STAGES))}."
-        ]
-    return []
+        )
+    for key in ("offload_optimizer", "offload_param"):
+        offload = zero.get(key)
+        if offload is None:
+            continue
+        if not isinstance(offload, dict):
+            problems.append(f"--deepspeed: {path} has zero_optimization.{key} {offload!r:.40}, a "
+                            f'{_json_type(offload)}; it must be an object such as {{"device": "cpu"}}.')
+        elif offload.get("device", "none") not in OFFLOAD_DEVICES:
+            problems.append(f"--deepspeed: {path} has zero_optimization.{key}.device "
+                            f"{offload.get('device')!r}; use one of {', '.join(OFFLOAD_DEVICES)}.")
+    return problems
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type (what the user wrote, not Python's name)."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), "null")
 
 
 def resolve_precision(requested: str, *, cuda: bool, compute_capability: tuple[int, int] | None) -> str:
@@ -371,6 +402,15 @@ def find_problems(model_args: ModelArguments, data_args: DataArguments, train_ar
     if data_args.test_size <= 0:
         problems.append(f"--test_size: must be positive, got {data_args.test_size}.")
     return problems
+
+
+def max_seq_length_problem(max_seq_length: int, model_positions: int | None, model_name: str) -> str | None:
+    """A problem when rows of ``max_seq_length`` tokens would not fit the model's positions
+    (``training.base_model.max_positions``; None: the model does not say)."""
+    if model_positions is None or max_seq_length <= model_positions:
+        return None
+    return (f"--max_seq_length: {max_seq_length} is more than {model_name} takes ({model_positions} positions); "
+            f"use --max_seq_length {model_positions} or less.")
 
 
 def check_peft_settings(model_args: ModelArguments) -> list[str]:

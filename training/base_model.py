@@ -143,7 +143,7 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False, *, prompt_f
     end-of-turn text that is not one token yet, are added as special tokens.
     :func:`recipe_tokens` lists what the format uses.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from training.chat import (
         CHATML,
@@ -170,12 +170,29 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False, *, prompt_f
                 closing = ""
             if closing and len(tokenizer(closing, add_special_tokens=False)["input_ids"]) != 1:
                 _add_special(tokenizer, [closing])
+    # The model's own limit, which many tokenizers leave unset (model_max_length 1e30): what
+    # tokenize_rows holds --max_seq_length to, and what users of the saved tokenizer read.
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        tokenizer.model_max_length = positions
+        # Longer rows are dropped by tokenize_rows, never fed to the model: transformers' warning
+        # that such a sequence "will result in indexing errors" would be wrong here.
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     if tokenizer.pad_token is None:
         # Padding positions are masked by position in the collator, never by token id, so
         # pad == eos does not hide the learned end of sequence.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def max_positions(tokenizer: Any) -> int | None:
+    """The longest sequence, in tokens, the model of a ``load_tokenizer`` tokenizer takes: its
+    config's max_position_embeddings, else the tokenizer's own model_max_length; None when
+    neither says."""
+    # transformers' VERY_LARGE_INTEGER (1e30) is its "not set" value.
+    return tokenizer.model_max_length if tokenizer.model_max_length < int(1e29) else None
 
 
 def _add_special(tokenizer: Any, tokens: list[str]) -> None:

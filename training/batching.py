@@ -32,6 +32,19 @@ COLUMNS = ("input_ids", "labels", LENGTH_COLUMN)
 PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
+# Rows are also dropped by their characters, before the tokenizer sees them: tokenizing one 5 MB
+# row took 2.9 GB of memory only to drop it afterwards. English text averages about 4 characters
+# per BPE token; a row of more than 16 x max_seq_length characters fits in max_seq_length tokens
+# only if its tokens average over 16 characters (4x that), which takes long whitespace or
+# punctuation runs, not text. Such a row is dropped and counted untokenized, like a long one.
+MAX_CHARS_PER_TOKEN = 16
+
+
+def _characters(row: dict[str, Any]) -> int:
+    """The characters of a row's turns (a Dolly row: instruction, context and response)."""
+    return sum(len(message["content"]) for message in chat.row_messages(row))
+
+
 def _tokenizer_digest(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
@@ -48,10 +61,18 @@ def tokenize_rows(
     conversation in the tokenizer's chat template (``training.chat``).
 
     Long rows are dropped, never truncated: a cut row would lose its ``### End`` (or an answer
-    its end of turn) and teach the model to ramble.
+    its end of turn) and teach the model to ramble. Raises BaseModelError when ``max_seq_length``
+    is more than the model takes (``load_tokenizer`` reads that from the model's config).
     """
     import datasets
 
+    from training.arguments import max_seq_length_problem
+    from training.base_model import BaseModelError, max_positions
+
+    if problem := max_seq_length_problem(max_seq_length, max_positions(tokenizer), tokenizer.name_or_path):
+        raise BaseModelError(problem)
+    given = len(rows)
+    rows = [row for row in rows if _characters(row) <= MAX_CHARS_PER_TOKEN * max_seq_length]
     key = hashlib.sha256(
         "\x00".join(
             [
@@ -95,7 +116,7 @@ def tokenize_rows(
         load_from_cache_file=True,
         desc=f"Tokenizing {split}",
     )
-    return tokenized, len(source) - len(tokenized)
+    return tokenized, given - len(tokenized)
 
 
 class PaddingCollator:

@@ -66,6 +66,7 @@ def read_chat_template(value: str) -> str:
     if value == CHATML:
         return CHATML_TEMPLATE
     from training.arguments import resolve_repo_path
+    from training.dataset import not_utf8
 
     path = resolve_repo_path(value)
     if not path.is_file():
@@ -74,7 +75,12 @@ def read_chat_template(value: str) -> str:
             "chatml, or the path to a chat template (.jinja), e.g. one saved as chat_template.jinja "
             "beside a model."
         )
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ChatTemplateError(
+            f"--chat_template: {value} is {not_utf8(err)}; pass a Jinja template saved as UTF-8, or chatml."
+        ) from None
 
 
 def check_chat_template_setting(prompt_format: str, chat_template: str) -> list[str]:

@@ -34,6 +34,8 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,17 +177,30 @@ def _order_problems(roles: list[str], names: dict[str, str]) -> list[str]:
 
 
 def _read_file_rows(path: Path) -> list[tuple[str, Any]]:
-    """(location, raw row) pairs; a line that is not JSON becomes a (location, error) pair."""
+    """(location, raw row) pairs; a line that is not JSON becomes a (location, _BadRow) pair and a
+    file that cannot be read at all one (path, _BadFile) pair."""
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return [(f"{path} row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    text = path.read_text(encoding="utf-8")
+        try:
+            table = pq.read_table(path)
+        except (pyarrow.ArrowException, OSError) as err:
+            return [(str(path), _BadFile(f"not a readable parquet file ({err}); write it again with "
+                                         "pyarrow or pandas (DataFrame.to_parquet), or pass JSON lines"))]
+        return [(f"{path} row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1's JSON.
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        return [(str(path), _BadFile(f"{not_utf8(err)}; save it as UTF-8 JSON lines, or pass a .parquet file"))]
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            return [(f"{path} line {err.lineno}", _NotJson(str(err)))]
+            return [(f"{path} line {err.lineno}", _BadRow(f"not valid JSON ({err})"))]
+        except RecursionError:
+            return [(str(path), _BadFile(_TOO_DEEP))]
         return [(f"{path} item {i + 1}", row) for i, row in enumerate(rows)]
     pairs: list[tuple[str, Any]] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -194,13 +209,35 @@ def _read_file_rows(path: Path) -> list[tuple[str, Any]]:
         try:
             pairs.append((f"{path} line {number}", json.loads(line)))
         except json.JSONDecodeError as err:
-            pairs.append((f"{path} line {number}", _NotJson(err.msg)))
+            pairs.append((f"{path} line {number}", _BadRow(f"not valid JSON ({err.msg})")))
+        except RecursionError:  # json's C decoder recurses once per nesting level
+            pairs.append((f"{path} line {number}", _BadRow(_TOO_DEEP)))
     return pairs
 
 
+# No row of ours nests more than a few levels (a conversation: list -> turn -> content); a line
+# nested past Python's recursion limit (~1000) is garbage or an attack, never data.
+_TOO_DEEP = "JSON nested deeper than Python's recursion limit; a row is an object of strings and turns"
+
+
+def not_utf8(err: UnicodeDecodeError) -> str:
+    """What a file that failed to decode is, for the errors about data, instructions and templates."""
+    return (f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}: a binary file, or "
+            "text in another encoding)")
+
+
 @dataclass
-class _NotJson:
-    reason: str
+class _BadRow:
+    """A row that cannot be read: skipped and counted under skip_bad_rows, else reported."""
+
+    problem: str
+
+
+@dataclass
+class _BadFile:
+    """A whole file that cannot be read: always reported (skip_bad_rows skips rows, not files)."""
+
+    problem: str
 
 
 def _split_files(directory: Path) -> dict[str, list[Path]]:
@@ -236,29 +273,67 @@ def _download_s3(url: str, cache_dir: Path) -> Path:
 
 
 def _download_s3_objects(url: str, cache_dir: Path) -> Path:
+    """The objects ``url`` names, in a cache folder keyed by their ETags and sizes: an unchanged
+    data set is not downloaded again, a changed one (or one with files added or removed) gets a
+    fresh folder. Each folder is downloaded into a temporary folder and renamed into place when
+    complete, so an interrupted download is never read."""
     import boto3
+    from botocore.exceptions import ClientError
 
     bucket, _, key = url[len("s3://") :].partition("/")
-    target = cache_dir / "s3" / hashlib.sha256(url.encode()).hexdigest()[:16]
     client = boto3.client("s3")
+    # (key, local name inside the folder, ETag, size) of every object to read.
     if key and not key.endswith("/"):
-        local = target / Path(key).name
-        local.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, key, str(local))
-        return local
-    paginator = client.get_paginator("list_objects_v2")
-    found = False
-    for page in paginator.paginate(Bucket=bucket, Prefix=key):
-        for obj in page.get("Contents", []):
-            if not obj["Key"].endswith(SUPPORTED_SUFFIXES):
-                continue
-            local = target / obj["Key"][len(key) :]
-            local.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(local))
-            found = True
-    if not found:
-        raise DatasetError(f"--dataset: {url} holds no {', '.join(SUPPORTED_SUFFIXES)} files.")
-    return target
+        head = client.head_object(Bucket=bucket, Key=key)
+        objects = [(key, _local_name(url, key, key.rpartition("/")[2]), head["ETag"], head["ContentLength"])]
+    else:
+        objects = [
+            (obj["Key"], _local_name(url, obj["Key"], obj["Key"][len(key) :]), obj["ETag"], obj["Size"])
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            for obj in page.get("Contents", [])
+            if obj["Key"].endswith(SUPPORTED_SUFFIXES)
+        ]
+        if not objects:
+            raise DatasetError(f"--dataset: {url} holds no {', '.join(SUPPORTED_SUFFIXES)} files.")
+    listing = json.dumps([url, sorted(objects)])
+    target = cache_dir / "s3" / hashlib.sha256(listing.encode()).hexdigest()[:16]
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as work:
+            folder = Path(work) / "objects"
+            for object_key, name, etag, _ in objects:
+                local = folder / name
+                local.parent.mkdir(parents=True, exist_ok=True)
+                # IfMatch: an object replaced since the listing fails the download instead of
+                # landing, under the old ETag's folder, with the new content.
+                try:
+                    body = client.get_object(Bucket=bucket, Key=object_key, IfMatch=etag)["Body"]
+                except ClientError as err:
+                    if err.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                        raise
+                    raise DatasetError(f"--dataset: s3://{bucket}/{object_key} changed while {url} was "
+                                       "being downloaded; run again once it is written.") from err
+                with body, open(local, "wb") as out:
+                    shutil.copyfileobj(body, out, length=8 * 1024 * 1024)
+            try:
+                os.replace(folder, target)
+            except OSError:
+                if not target.is_dir():  # another rank or step put the same objects there first
+                    raise
+    return target / objects[0][1] if key and not key.endswith("/") else target
+
+
+def _local_name(url: str, key: str, name: str) -> str:
+    """``name`` (an object's key below the prefix) as a relative path that stays inside the cache
+    folder; a key that would write elsewhere is refused."""
+    parts = name.split("/")
+    if not name or name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise DatasetError(
+            f"--dataset: {url} holds the object {key!r}, whose name would be written outside the "
+            "download folder (an empty, '.' or '..' path segment, or a leading '/'). Rename or "
+            "remove that object, or point --dataset at a prefix without it."
+        )
+    return name
 
 
 def _hub_rows(name: str) -> dict[str, list[tuple[str, Any]]]:
@@ -327,13 +402,17 @@ def load_instruction_data(
         raw = {"train": _read_file_rows(path), "eval": []}
 
     problems: list[str] = []
+    file_problems: list[str] = []
     schema_counts: dict[str, int] = {}
     normalized: dict[str, list[dict[str, Any]]] = {}
     for split, pairs in raw.items():
         rows = []
         for where, row in pairs:
-            if isinstance(row, _NotJson):
-                problems.append(f"{where}: not valid JSON ({row.reason})")
+            if isinstance(row, _BadFile):
+                file_problems.append(f"{where}: {row.problem}")
+                continue
+            if isinstance(row, _BadRow):
+                problems.append(f"{where}: {row.problem}")
                 continue
             clean, problem, schema = _normalize_row(row, where, prompt_format)
             if problem:
@@ -342,13 +421,16 @@ def load_instruction_data(
                 rows.append(clean)
                 schema_counts[schema] = schema_counts.get(schema, 0) + 1
         normalized[split] = rows
-    if problems and not skip_bad_rows:
-        shown = "\n  ".join(problems[:MAX_ERRORS_SHOWN])
-        more = len(problems) - MAX_ERRORS_SHOWN
+    bad_rows = [] if skip_bad_rows else problems
+    if file_problems or bad_rows:
+        counts = [f"{len(file_problems)} unreadable file(s)"] if file_problems else []
+        counts += [f"{len(bad_rows)} bad row(s)"] if bad_rows else []
+        shown = "\n  ".join(file_problems + bad_rows[:MAX_ERRORS_SHOWN])
+        more = len(bad_rows) - MAX_ERRORS_SHOWN
         raise DatasetError(
-            f"--dataset: {len(problems)} bad row(s) in {source}:\n  {shown}"
+            f"--dataset: {' and '.join(counts)} in {source}:\n  {shown}"
             + (f"\n  ... and {more} more" if more > 0 else "")
-            + "\nFix these rows, or set --skip_bad_rows to skip and count them."
+            + ("\nFix these rows, or set --skip_bad_rows to skip and count them." if bad_rows else "")
         )
     if not normalized["train"]:
         raise DatasetError(f"--dataset: {source} has no usable training rows.")

@@ -29,14 +29,26 @@ def load_eval_instructions(path: str | Path) -> list[dict[str, str]]:
             f"--eval_instructions: {path} does not exist. Pass a .jsonl file with one "
             '{"instruction": ..., "context": ...} per line, or an empty value to skip.'
         )
+    from training.dataset import not_utf8
+
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark is not JSON
+    except UnicodeDecodeError as err:
+        raise EvalInstructionsError(
+            f"--eval_instructions: {path} is {not_utf8(err)}; save it as UTF-8 JSON lines."
+        ) from None
     rows, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             problems.append(f"{path} line {number}: not valid JSON ({err.msg})")
+            continue
+        except RecursionError:  # json's C decoder recurses once per nesting level
+            problems.append(f"{path} line {number}: JSON nested deeper than Python's recursion limit; "
+                            'a line is {"instruction": ..., "context": ...}')
             continue
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
             problems.append(f"{path} line {number}: needs a non-empty 'instruction' string")
