@@ -61,11 +61,20 @@ def resolve_resume_from(value: str) -> str:
     if value.startswith("s3://"):
         return value
     from metaflow import Run, namespace
+    from metaflow.exception import MetaflowInvalidPathspec, MetaflowNotFound
 
     from training.checkpoint_store import S3CheckpointStore
 
     namespace(None)
-    previous = Run(value)  # KeyError / MetaflowNotFound for an unknown pathspec
+    try:
+        previous = Run(value)
+    except MetaflowInvalidPathspec:
+        raise ValueError(f"{value!r} is not a run: pass <FlowName>/<run id> (DollyFlow/1764412345678) "
+                         "or a checkpoint's s3:// URL.") from None
+    except MetaflowNotFound:
+        raise ValueError(f"{value}: no such run (Metaflow looked in {os.getcwd()} for a .metaflow directory, "
+                         "or in the metadata service); pass a run that exists, from the directory you ran "
+                         "it in, or a checkpoint's s3:// URL.") from None
     uri = previous["start"].task.data.checkpoint_root
     if not uri:
         raise ValueError(f"run {value} kept its checkpoints on local disk; pass a checkpoint's s3:// URL.")

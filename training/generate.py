@@ -75,19 +75,25 @@ def load_for_generation(model_dir: str, trust_remote_code: bool = False) -> tupl
 
     A LoRA adapter directory (``--merge_adapter false``) is put on the base model it names.
 
-    An S3 model is downloaded into the cache and every file checked against its manifest.
+    An S3 model is downloaded into the cache and every file checked against its manifest, by the
+    checkpoints' own validated download (CheckpointStoreError when it cannot be used), before
+    transformers is imported: a wrong URL or missing credentials show in a second.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from training.adapters import is_adapter_dir, load_adapter_model
-
     if model_dir.startswith("s3://"):
+        import re
+
         from training.checkpoint_store import S3CheckpointStore
         from training.dataset import default_cache_dir
 
         parent, _, name = model_dir.rstrip("/").rpartition("/")
-        target = default_cache_dir() / "s3-models" / parent[len("s3://"):].replace("/", "_")
+        # The cache folder is named after the URL in letters, digits, "_" and "-" only: a URL's
+        # dots and slashes never become a path ("s3://../model" goes to "__", not the cache's parent).
+        target = default_cache_dir() / "s3-models" / re.sub(r"[^A-Za-z0-9_-]", "_", parent[len("s3://"):])
         model_dir = str(S3CheckpointStore(parent).download(name, target))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.adapters import is_adapter_dir, load_adapter_model
 
     if is_adapter_dir(model_dir):  # a LoRA run saved with --merge_adapter false
         model, tokenizer = load_adapter_model(model_dir, trust_remote_code=trust_remote_code)

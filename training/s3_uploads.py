@@ -35,7 +35,12 @@ def _log(message: str) -> None:
 
 
 class BackgroundUploader:
-    """A queue of checkpoint folders and the one thread that uploads them, in order."""
+    """A queue of checkpoint folders and the one thread that uploads them, in order.
+
+    Whatever goes wrong with one checkpoint (an S3 error, a dropped connection while pruning, a
+    full disk) lands in ``failures`` as "<checkpoint>: <what happened>" and the thread goes on
+    with the next; the trainer fails the run at its end when ``failures`` is not empty. Should
+    the thread stop anyway, ``submit`` and ``close`` notice and record what it left undone."""
 
     def __init__(self, store: S3CheckpointStore, keep: int, staging_root: Path):
         self.store = store
@@ -44,31 +49,68 @@ class BackgroundUploader:
         self.failures: list[str] = []
         self.uploaded: list[dict[str, Any]] = []
         self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._in_flight = ""  # the checkpoint being uploaded, "" between uploads
         self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
         self._thread.start()
 
+    def _fail(self, name: str, what: str) -> None:
+        self.failures.append(f"{name}: {what}")
+        _log(f"{name}: {what} (the local checkpoint is kept)")
+
     def submit(self, checkpoint: Path) -> None:
+        if not self._thread.is_alive():
+            # Staging it would leave hard links on disk that no thread removes.
+            self._fail(checkpoint.name, "not uploaded: the upload thread has stopped (its traceback is above)")
+            return
         self._queue.put(staged_copy(checkpoint, self.staging_root))
 
     def _run(self) -> None:
         while (staged := self._queue.get()) is not None:
+            self._in_flight = staged.name
             try:
-                manifest = self.store.upload(staged)
-                self.uploaded.append(manifest)
-                _log(f"uploaded {staged.name} ({manifest['total_bytes'] / 1e6:.1f} MB) to {self.store.uri}/{staged.name}")
-                # Node 0 alone applies the limit (to whole checkpoints, every node's part).
-                for name in self.store.prune(self.keep) if self.store.node == 0 else []:
-                    _log(f"deleted {self.store.uri}/{name} (save_total_limit {self.keep})")
+                self._upload(staged)
             except CheckpointStoreError as err:
-                self.failures.append(f"{staged.name}: {err}")
-                _log(f"upload of {staged.name} failed, the local checkpoint is kept: {err}")
+                self._fail(staged.name, str(err))
+            # Any other exception too: a botocore EndpointConnectionError raised while pruning
+            # used to end this thread, and every later checkpoint went unuploaded with
+            # `failures` empty and the run reported green.
+            except Exception as err:  # recorded: the run fails at its end, naming the checkpoint
+                self._fail(staged.name, f"upload failed: {type(err).__name__}: {err}")
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
+            self._in_flight = ""
+
+    def _upload(self, staged: Path) -> None:
+        manifest = self.store.upload(staged)
+        self.uploaded.append(manifest)
+        _log(f"uploaded {staged.name} ({manifest['total_bytes'] / 1e6:.1f} MB) to {self.store.uri}/{staged.name}")
+        if self.store.node:  # node 0 alone applies the limit (to whole checkpoints, every node's part)
+            return
+        try:
+            deleted = self.store.prune(self.keep)
+        except Exception as err:  # any error: the upload is done, only the cleanup failed
+            raise CheckpointStoreError(
+                f"uploaded, but deleting checkpoints beyond save_total_limit {self.keep} from {self.store.uri} "
+                f"failed ({type(err).__name__}: {err}); delete the oldest ones there by hand"
+            ) from err
+        for name in deleted:
+            _log(f"deleted {self.store.uri}/{name} (save_total_limit {self.keep})")
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait for every queued upload (``timeout`` None: as long as it takes)."""
-        self._queue.put(None)
-        self._thread.join(timeout)
+        """Wait for every queued upload (``timeout`` None: as long as it takes). Checkpoints a
+        stopped thread left undone are recorded in ``failures`` and their staged copies removed."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            return  # still uploading past the timeout (a preempted node): what is queued is lost with it
+        if self._in_flight:
+            self._fail(self._in_flight, "the upload thread stopped while uploading it (its traceback is above)")
+            self._in_flight = ""
+        while not self._queue.empty():
+            if (staged := self._queue.get_nowait()) is not None:
+                self._fail(staged.name, "not uploaded: the upload thread stopped before it (its traceback is above)")
+                shutil.rmtree(staged, ignore_errors=True)
 
 
 def upload_callback(uploader: BackgroundUploader) -> Any:
@@ -113,7 +155,8 @@ def resolve_resume(resume_from: str, s3_uri: str, download_root: Path, *, node: 
         else:
             raise CheckpointStoreError(
                 f"--resume_from: no checkpoint in {store.uri} downloads and verifies (the [checkpoints] "
-                "lines above say why). Pass another run or checkpoint, or leave --resume_from out to start fresh."
+                "lines above say why). Pass a run's checkpoints folder (s3://.../<run>/checkpoints) or one "
+                "checkpoint (.../checkpoint-<step>), or leave --resume_from out to start fresh."
             )
         return found
     local = Path(resume_from).expanduser()

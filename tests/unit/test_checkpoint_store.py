@@ -164,7 +164,7 @@ def test_unreachable_s3_is_a_clear_error(monkeypatch):
     store = S3CheckpointStore("s3://nowhere/x")
     with pytest.raises(CheckpointStoreError, match="S3 list failed for s3://nowhere/x") as err:
         store.names()
-    assert "local checkpoints are kept" in str(err.value)
+    assert "Check the URL, the endpoint (AWS_ENDPOINT_URL_S3)" in str(err.value)
     assert "testing" not in str(err.value)  # no credentials in messages
 
 
