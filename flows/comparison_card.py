@@ -15,7 +15,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 from metaflow.cards import Image, Markdown, Table
+from run_summary import change, or_na
 from training_card import duration
+
+from gpu_profile.render import code_span
 
 # --select: the metric, which way is better, and how it is shown.
 SELECTIONS = {
@@ -77,22 +80,14 @@ def ordered(rows: list[dict[str, Any]], select: str) -> list[dict[str, Any]]:
     return ok + [r for r in rows if r not in ok]
 
 
-def _number(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _change(before: float | None, after: float | None, fmt: str) -> str:
-    return f"{_number(before, fmt)} → {_number(after, fmt)}"
-
-
 def comparison_components(rows: list[dict[str, Any]], best: dict[str, Any] | None, select: str,
                           answers: dict[int, list[dict[str, Any]]]) -> list:
     """The card: the table sorted by ``select``, every point's eval loss on one chart, and each
     evaluation instruction answered by every point. ``answers``: point -> its final answers."""
     _, _, meaning = SELECTIONS[select]
     failed = [r for r in rows if r["status"] == "failed"]
-    headline = (f"**Best: point {best['point'] + 1}, {best['name']}** (by --select {select}: {meaning}; ties go to "
-                "the other metric, then to the earlier point)." if best else "**No point finished.**")
+    headline = (f"**Best: point {best['point'] + 1}, {code_span(best['name'])}** (by --select {select}: {meaning}; "
+                "ties go to the other metric, then to the earlier point)." if best else "**No point finished.**")
     components: list = [
         Markdown(f"# Sweep: {len(rows)} points, {len(rows) - len(failed)} finished, {len(failed)} failed\n{headline}"),
     ]
@@ -103,9 +98,9 @@ def comparison_components(rows: list[dict[str, Any]], best: dict[str, Any] | Non
             f"{mark}{rank}" if row["status"] == "ok" else "-",
             f"{row['point'] + 1}: {row['name']}",
             row["status"] if not row["error"] else f"failed: {row['error']}",
-            _change(row["eval_loss_before"], row["eval_loss_after"], ".4f"),
-            f"{_change(row['ended_share_base'], row['ended_share_final'], '.0%')} ({row['end_marker']})",
-            _number(row["tokens_per_second"], ",.0f"),
+            change(row["eval_loss_before"], row["eval_loss_after"], ".4f"),
+            f"{change(row['ended_share_base'], row['ended_share_final'], '.0%')} ({row['end_marker']})",
+            or_na(row["tokens_per_second"], ",.0f"),
             duration(row["wall_s"]),
             f"{row['gpu_hours']:.2f}",
             row["model_location"] or "-",
@@ -126,8 +121,8 @@ def comparison_components(rows: list[dict[str, Any]], best: dict[str, Any] | Non
             text = " ".join(answer["response"].split()) or "(empty)"
             text = text if len(text) <= ANSWER_CHARS else text[: ANSWER_CHARS - 1] + "…"
             lines.append([f"{row['point'] + 1}: {row['name']}", text + ("" if answer["ended"] else f" [no {row['end_marker']}]")])
-        components.append(Markdown(f"**{number}. {instruction}**"))
-        components.append(Table(data=lines, headers=["Point", "Answer"]))
+        # The instruction heads its answers' column: a table header is text, whatever the data holds.
+        components.append(Table(data=lines, headers=["Point", f"{number}. {instruction}"]))
     return components
 
 

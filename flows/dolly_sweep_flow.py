@@ -34,6 +34,7 @@ from kubernetes_settings import kubernetes_settings
 from metaflow import Config, Parameter, card, catch, current, resources, retry, step
 from metaflow.exception import MetaflowException
 from run_inputs import InputChecker, run_wide_problems
+from run_summary import change, or_na
 from sweep_grid import GridError, point_name, sweep_points
 
 from gpu_profile import gpu_profile
@@ -76,13 +77,17 @@ class DollySweepFlow(DollyFlow):
         problems = run_wide_problems(self, current.flow_name, current.run_id)
         if self.select not in SELECTIONS:
             problems.append(f"--select: {self.select!r} is not one of {', '.join(SELECTIONS)}.")
+        if self.select == "ended_share" and self.eval_instructions == "none":
+            # Without answers no point has the metric: every point would train, then none be "best".
+            problems.append("--select ended_share: compares the evaluation answers, which --eval-instructions "
+                            "none turns off; use --select eval_loss, or keep the evaluation.")
         if self.resume_from:
             problems.append("--resume-from: a sweep trains every point from its base model; resume one "
                             "point's training with DollyFlow and that point's settings.")
         try:
             points, _ = sweep_points(self.settings.get("sweep"), self.grid)
-        except GridError as err:
-            raise InvalidRunInputs(f"DollySweepFlow cannot start:\n  {err}") from None
+        except GridError as err:  # without points nothing else can be checked: report what is known
+            raise InvalidRunInputs("DollySweepFlow cannot start:\n  " + "\n  ".join([*problems, str(err)])) from None
         checker = InputChecker(self)
         checked_points, per_point, warnings = [], [], []
         for settings in points:
@@ -177,8 +182,9 @@ class DollySweepFlow(DollyFlow):
         tags = [f"best:{key}={value}" for key, value in best["settings"].items()] or ["best:defaults"]
         Run(f"{current.flow_name}/{current.run_id}").add_tags(tags)
         for row in self.results:
-            status = (f"eval loss {row['eval_loss_before']:.4f} -> {row['eval_loss_after']:.4f}, answers ending "
-                      f"{row['ended_share_final']:.0%}" if row["status"] == "ok" else f"failed: {row['error']}")
+            # "n/a" where a figure does not exist (no answers under --eval-instructions none).
+            status = (f"eval loss {change(row['eval_loss_before'], row['eval_loss_after'], '.4f')}, answers ending "
+                      f"{or_na(row['ended_share_final'], '.0%')}" if row["status"] == "ok" else f"failed: {row['error']}")
             print(f"{'*' if row['point'] == best['point'] else ' '} point {row['point'] + 1} ({row['name']}): {status}")
         print(f"Best (--select {self.select}): point {best['point'] + 1}, {best['name']}; tags {', '.join(tags)}")
         print(f"Model: {self.model_location}")

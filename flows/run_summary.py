@@ -9,32 +9,39 @@ how to load it.
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from metaflow.cards import Markdown, Table
+
+from gpu_profile.render import code_block, code_span
 
 CARD_ID = "summary"
 
 
 def load_instructions(model_location: str, pathspec: str) -> str:
-    """How to answer instructions with this run's model: CLI and Python."""
-    return (
-        "```\n"
-        f"python -m training.generate --run {pathspec} \"Give three tips for a good night's sleep.\"\n"
-        f"python -m training.generate --model {model_location} \"What is a haiku?\"\n"
-        "```\n"
-        "```python\n"
-        "from training.generate import load_for_generation, generate_response\n"
-        f"model, tokenizer = load_for_generation({model_location!r})\n"
-        "print(generate_response(model, tokenizer, 'What is a haiku?').text)\n"
-        "```"
-    )
+    """How to answer instructions with this run's model: CLI and Python, as Markdown code blocks
+    (the location is the user's: code blocks show it as typed, and the shell line quotes it)."""
+    return "\n".join([
+        code_block(f"python -m training.generate --run {pathspec} \"Give three tips for a good night's sleep.\"\n"
+                   f"python -m training.generate --model {shlex.quote(model_location)} \"What is a haiku?\""),
+        code_block("from training.generate import load_for_generation, generate_response\n"
+                   f"model, tokenizer = load_for_generation({model_location!r})\n"
+                   "print(generate_response(model, tokenizer, 'What is a haiku?').text)", "python"),
+    ])
 
 
-def _change(before: float | None, after: float | None, fmt: str) -> str:
-    if before is None or after is None:
+def or_na(value: float | None, fmt: str) -> str:
+    """``value`` formatted, or "n/a" where the run has no such figure (no evaluation answers
+    under --eval-instructions none, no checkpoint, a failed sweep point)."""
+    return "n/a" if value is None else format(value, fmt)
+
+
+def change(before: float | None, after: float | None, fmt: str) -> str:
+    """``"2.3456 → 1.2345"``; "n/a" for a figure the run does not have."""
+    if before is None and after is None:
         return "n/a"
-    return f"{format(before, fmt)} → {format(after, fmt)}"
+    return f"{or_na(before, fmt)} → {or_na(after, fmt)}"
 
 
 def _method(metrics: dict[str, Any]) -> str:
@@ -85,20 +92,20 @@ def summary_components(*, pathspec: str, config: dict[str, Any], metrics: dict[s
     first = evaluation[0] if evaluation else {}
     last = evaluation[-1] if evaluation else {}
     results = [
-        ["Eval loss", _change(metrics["eval_loss_before"], metrics["eval_loss_after"], ".4f")],
-        ["Perplexity", _change(metrics["perplexity_before"], metrics["perplexity_after"], ".2f")],
-        [f"Answers ending at {metrics.get('end_marker', '### End')}", _change(metrics.get("ended_share_base"), metrics.get("ended_share_final"), ".0%")],
-        ["Mean answer tokens", _change(first.get("mean_new_tokens"), last.get("mean_new_tokens"), ".0f")],
+        ["Eval loss", change(metrics["eval_loss_before"], metrics["eval_loss_after"], ".4f")],
+        ["Perplexity", change(metrics["perplexity_before"], metrics["perplexity_after"], ".2f")],
+        [f"Answers ending at {metrics.get('end_marker', '### End')}", change(metrics.get("ended_share_base"), metrics.get("ended_share_final"), ".0%")],
+        ["Mean answer tokens", change(first.get("mean_new_tokens"), last.get("mean_new_tokens"), ".0f")],
         ["Training throughput", f"{metrics['tokens_per_second']:,.0f} tokens/s in training steps, "
                                 f"{metrics.get('tokens_per_second_overall', 0):,.0f} overall with evaluation and "
                                 f"checkpoints ({metrics['tokens']:,} tokens)"],
         ["Time", f"{metrics['train_runtime_s']:.0f} s training, {metrics['total_runtime_s']:.0f} s in the trainer"],
     ]
     return [
-        Markdown(f"# {pathspec}\nFine-tuned **{config['base_model']}** on **{config['dataset']}**."),
+        Markdown(f"# {pathspec}\nFine-tuned {code_span(config['base_model'])} on {code_span(config['dataset'])}."),
         Table(data=inputs, headers=["What was trained", ""]),
         Table(data=results, headers=["How it did (base → tuned)", ""]),
-        Markdown(f"## The model\n`{model_location}`\n\n" + load_instructions(model_location, pathspec)),
+        Markdown(f"## The model\n{code_span(model_location)}\n\n" + load_instructions(model_location, pathspec)),
         Markdown("Curves and every answer: `card view train --id training`; GPU use: "
                  "`card view train --id gpu_profile`."),
     ]

@@ -27,6 +27,7 @@ from metaflow import current
 from metaflow.cards import Image, Markdown, Table
 
 from gpu_profile.live_card import refresh_interval_s, wait_out_floor
+from gpu_profile.render import code_span
 from training.progress import ProgressReader
 
 CARD_ID = "training"
@@ -84,7 +85,7 @@ def card_components(view: dict[str, Any], failed: str | None = None, charts: lis
         marker = _end_marker(view["evaluation"])
         components.append(Markdown(
             "## Evaluation\nThe same instructions answered by the base model (first row) and "
-            f"after each epoch; greedy decoding. *[no {marker}]*: the answer ran to the token limit."
+            f"after each epoch; greedy decoding. *[no {code_span(marker)}]*: the answer ran to the token limit."
         ))
         components.append(evaluation_table(view["evaluation"]))
     return components
@@ -97,8 +98,6 @@ def preflight_components(record: dict[str, Any]) -> list:
     verdict = "every check passed" if not findings else (
         f"{sum(f['severity'] == 'error' for f in findings)} error(s), "
         f"{sum(f['severity'] == 'warning' for f in findings)} warning(s)")
-    lines = [f"## Preflight on this node: {verdict}"]
-    lines += [f"- **{f['severity']}** [{f['code']}] {f['message']}" for f in findings]
     gpus = facts.get("gpus") or []
     names = ", ".join(sorted({g["name"] for g in gpus})) or "none"
     estimate = record.get("memory_estimate")
@@ -113,7 +112,11 @@ def preflight_components(record: dict[str, Any]) -> list:
     if estimate and gpus:
         smallest = min((g["total_memory_bytes"] for g in gpus if g.get("total_memory_bytes")), default=None)
         rows.append(["GPU memory estimate / smallest GPU", f"{_gib(estimate['per_gpu'])} / {_gib(smallest)}"])
-    return [Markdown("\n".join(lines)), Table(data=rows, headers=["Fact", "Value"])]
+    components: list = [Markdown(f"## Preflight on this node: {verdict}")]
+    if findings:  # messages quote paths, devices and versions: table cells, shown as text
+        components.append(Table(data=[[f["severity"], f["code"], f["message"]] for f in findings],
+                                headers=["Severity", "Check", "Finding"]))
+    return [*components, Table(data=rows, headers=["Fact", "Value"])]
 
 
 def _version(value: Any) -> str:

@@ -11,11 +11,15 @@ the verdict naming the reason, then the host chart.
 The card is redrawn every few seconds while the step runs, so figures are small (about 720 x 190
 pixels at 80 dpi) with fixed margins (constrained layout doubles the drawing time), and built as
 bare `Figure` objects: no pyplot state to leak or close, and safe outside the main thread.
+
+Text from a user, a data set or a driver (device names, status lines) goes into table cells, or
+into Markdown only through `code_span`/`code_block`: see there why, for every card of the project.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,14 +46,38 @@ _SUMMARY_COLUMNS = [  # (summarize() key, header): one list, so headers cannot d
 ]
 
 
+def code_span(text: str) -> str:
+    """``text`` as inline Markdown that a Metaflow card shows as typed, and never as HTML or markup.
+
+    Metaflow 2.19 renders a ``Markdown`` component with marked and svelte-markdown, no sanitizer:
+    raw HTML in the source runs in the viewer's browser (a data set named
+    ``data<img src=x onerror=...>`` ran its script when the card was opened), and links,
+    images and emphasis are live. Escaping does not work there (seen in headless Chromium):
+    ``&lt;`` is shown as the five characters ``&lt;``, and a backslash escape drops the character
+    it escapes. A code span is shown as typed, whatever it holds, and ``Table`` cells and headers
+    are text, so user text goes there. What the renderer does not keep: a code span loses its
+    backticks (they become ˋ here, U+02CB, which looks the same) and cannot hold a line break
+    (a blank line would end the span and start a new paragraph of live Markdown: every run of
+    whitespace becomes one space).
+    """
+    return "`" + (" ".join(text.replace("`", "\u02cb").split()) or " ") + "`"
+
+
+def code_block(text: str, language: str = "") -> str:
+    """``text`` as a fenced Markdown code block, shown as typed (see ``code_span``): the fence is
+    longer than any run of backticks in ``text``, so no line of it can close the block."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{fence}{language}\n{text}\n{fence}"
+
+
 def card_components(data: dict[str, Any]) -> list:
     """The card for one snapshot, as a list of metaflow.cards components (see module docstring)."""
     components: list = [Markdown(f"**{verdict(data)}**")]
     # Without a GPU the verdict already carries the reason; do not say it twice.
     no_gpu_line = f"No NVIDIA GPU visible: {data['no_gpu_reason']}"
     status = [s for s in data["status"] if s != no_gpu_line]
-    if status:
-        components.append(Markdown("\n".join(f"- {s}" for s in status)))
+    if status:  # they name devices and carry NVML's messages: table cells, shown as text
+        components.append(Table(data=[[s] for s in status], headers=["Status"]))
     started = datetime.fromtimestamp(data["started_at"], tz=timezone.utc)
     started_text = started.strftime("%Y-%m-%d %H:%M:%S UTC")
     if data["num_gpus"]:

@@ -32,16 +32,17 @@ def test_gpu_node_card(node, sampler, tick):
     components = card_components(sampler.snapshot())
     assert kinds(components) == [
         "Markdown",  # verdict
-        "Markdown",  # status lines (GPU 3 lost)
+        "Table",  # status lines (GPU 3 lost): they name devices, so table cells (text)
         "Table",  # summary
         "Table",  # processes
         "Image", "Image", "Image", "Image",  # one utilization + memory chart per GPU
         "Markdown", "Table", "Markdown",  # topology heading, matrix, legend
         "Image",  # host CPU/RAM
     ]
-    verdict_md, status_md, summary = components[:3]
+    verdict_md, status, summary = components[:3]
     assert rendered(verdict_md)["source"].strip().startswith("**Lost GPU 3 at 6 s")
-    assert "GPU 3: NVIDIA A100-SXM4-80GB lost at 6 s" in rendered(status_md)["source"]
+    assert rendered(status)["columns"] == ["Status"]
+    assert any(row[0].startswith("GPU 3: NVIDIA A100-SXM4-80GB lost at 6 s") for row in rendered(status)["data"])
     table = rendered(summary)
     assert table["columns"][:4] == ["GPU", "Device", "Driver", "CUDA"]  # not swapped
     assert table["data"][1][:6] == ["1", "NVIDIA A100-SXM4-80GB", "550.54.15", "12.4", "80.0",
