@@ -110,6 +110,7 @@ class InputChecker:
             else:
                 model_resolved = True
                 problems += peft_problems(model_args, resolved_model)
+                problems += max_seq_length_problems(model_args, data_args, resolved_model)
                 if data_args.prompt_format == "chat" and not check_chat_template_setting(
                         data_args.prompt_format, data_args.chat_template):
                     rows = data.train + data.eval if data is not None else []
@@ -204,6 +205,21 @@ def run_wide_problems(flow: Any, flow_name: str, run_id: str) -> list[str]:
         except EvalInstructionsError as err:
             problems.append(str(err))
     return problems
+
+
+def max_seq_length_problems(model_args: Any, data_args: Any, model_path: str) -> list[str]:
+    """--max_seq_length against the model's positions, read as the trainer reads them: from the
+    tokenizer ``load_tokenizer`` sets up (the config's max_position_embeddings, else the
+    tokenizer's model_max_length)."""
+    from training.arguments import max_seq_length_problem
+    from training.base_model import load_tokenizer, max_positions
+
+    try:
+        tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
+    except OSError:  # a hub model on a laptop without hub access: the trainer checks before loading it
+        return []
+    problem = max_seq_length_problem(data_args.max_seq_length, max_positions(tokenizer), model_args.base_model)
+    return [problem] if problem else []
 
 
 def chat_template_problems(model_args: Any, data_args: Any, model_path: str, rows: list) -> list[str]:
