@@ -6,7 +6,7 @@ import json
 
 import matplotlib.pyplot as plt
 import pynvml
-from fake_nvml import FakeNvml
+from fake_nvml import FakeClock, FakeNvml
 from metaflow.cards import Image, Markdown, Table
 
 from gpu_profile.render import card_components
@@ -82,3 +82,26 @@ def test_card_of_an_empty_profile_renders():
     assert sum(isinstance(c, Image) for c in components) == 3
     for c in components:
         rendered(c)
+
+
+def test_device_and_process_names_are_shown_as_text():
+    """NVML's device names and the names of processes on a GPU reach the card as table cells,
+    never as live Markdown (tests/unit/test_card_escaping.py has the payload and the check)."""
+    from tests.unit.test_card_escaping import HOSTILE, live_markup
+
+    node, clock = FakeNvml(4, process_names={4242: HOSTILE}), FakeClock()
+    for gpu in node.gpus:
+        gpu.name = HOSTILE
+    node.gpus[0].processes = {4242: 1000.0}
+    s = GpuSampler(interval=1.0, nvml=node, clock=clock)
+    for lose in (None, None, 3):
+        if lose is not None:
+            node.lose(lose)  # its status line names the device
+        clock.now += 1
+        node.advance(1)
+        s.sample_once()
+    components = card_components(s.snapshot())
+    assert live_markup(components) == []
+    status = rendered(components[1])
+    assert any(row[0].startswith(f"GPU 3: {HOSTILE} lost at") for row in status["data"])
+    assert [row[2] for row in rendered(components[3])["data"]] == [HOSTILE]  # the process
