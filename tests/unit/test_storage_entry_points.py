@@ -30,6 +30,10 @@ def generate_error(capsys, *argv: str) -> str:
 @pytest.fixture
 def no_credentials(monkeypatch, tmp_path):
     """boto3 finds no credentials anywhere, and nothing leaves this machine."""
+    import boto3
+
+    # boto3's default session keeps the credentials it found for earlier tests' clients.
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
                  "AWS_WEB_IDENTITY_TOKEN_FILE"):
