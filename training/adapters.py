@@ -54,6 +54,27 @@ def quantization_config(compute_dtype: Any) -> Any:
     )
 
 
+CPU_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward"
+
+
+def quiet_missing_cpu_kernel_warning() -> None:
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward ..." warning, which opened every run.
+
+    transformers' Trainer imports peft, and peft imports bitsandbytes, whose CPU backend (0.50),
+    on a CPU with AVX-512 BF16, fetches a fused 4-bit inference kernel from the hub with the
+    ``kernels`` package as it is imported, and warns when it cannot: on every run, QLoRA or
+    not, and always on a machine without hub access. Nothing here needs that kernel: it only
+    multiplies by 4-bit weights in bitsandbytes' repacked CPU inference layout, which QLoRA
+    training switches off (``_keep_4bit_weights_trainable_on_cpu``); without it bitsandbytes
+    uses its own compiled kernel; runs without QLoRA never multiply by 4-bit weights.
+    Only this message is dropped: the logger's other warnings still show.
+    """
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith(CPU_KERNEL_WARNING))
+
+
 def peft_problems(model_args: Any, model_path: str) -> list[str]:
     """What stops ``--peft`` on this model here, found without loading weights: target modules
     the model does not have (with the names it has), QLoRA without bitsandbytes."""

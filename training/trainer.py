@@ -29,11 +29,16 @@ Writes to ``--output_dir``: the final model (safetensors + tokenizer, loadable w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import pickle
+import re
+import shutil
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,7 @@ from training.adapters import (
     apply_lora,
     count_parameters,
     quantization_config,
+    quiet_missing_cpu_kernel_warning,
     save_merged,
 )
 from training.arguments import (
@@ -68,12 +74,23 @@ from training.preemption import PreemptionWatch
 from training.progress import PROGRESS_FILE, progress_callback
 from training.run_history import eval_losses, missed_epoch_end, whole_train_loss
 from training.s3_uploads import STAGING, BackgroundUploader, resolve_resume, upload_callback
+from training.safe_loading import TRAINING_ARGS, unsafe_pickles, weights_only_loads
 from training.shared_memory import cpu_comm_op_path, remove_deepspeed_segments
 
 METRICS_FILE = "metrics.json"
 UPLOADS_FILE = "s3_uploads.json"  # what went to S3, with manifests (files, sizes, sha256)
-# Folders of --output_dir that are not part of the published model.
-LOCAL_ONLY = ("checkpoints", "logs", "resume", STAGING)
+# What the published model holds, in --output_dir and (a merged LoRA run) its adapter/ folder:
+# weights as safetensors, configs, tokenizer files, metrics. An allowlist, because the folder may
+# hold anything (`--output_dir .`: a .env, symlinks): never training_args.bin (a pickle of
+# TrainingArguments), never a symlink, nothing else.
+PUBLISHED = (
+    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+    "adapter_model.safetensors", "adapter_config.json",
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    METRICS_FILE,
+)
 
 
 def _log(message: str) -> None:
@@ -195,9 +212,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     else:
         problems += check_attention(model_args.attn_implementation, cuda=cuda, compute_capability=capability,
                                     precision=precision, flash_attn_version=flash_attn_version())
+    problems += _s3_access_problems(train_args)
     if problems:
         raise SystemExit("Cannot train:\n  " + "\n  ".join(problems))
 
+    quiet_missing_cpu_kernel_warning()  # before transformers' Trainer imports peft, which imports bitsandbytes
     import datasets
     import torch
     import transformers
@@ -238,6 +257,29 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
+
+    node, nodes = node_layout(args.process_index, args.world_size)
+    resume_path = None
+    if train_args.resume_from:
+        # One download per node; the other local ranks read which folder it chose.
+        chosen = output_dir / "resume" / "CHOSEN"
+        with args.main_process_first(local=True, desc="checkpoint download"):
+            if args.local_process_index == 0:
+                found = resolve_resume(train_args.resume_from, train_args.s3_uri, output_dir / "resume",
+                                       node=node, nodes=nodes)
+                chosen.parent.mkdir(parents=True, exist_ok=True)
+                chosen.write_text(str(found or ""))
+            resume_path = chosen.read_text() or None
+        _same_checkpoint_everywhere(resume_path, args.world_size)
+    if resume_path:
+        # Every rank checks the folder it will load, before the model loads: a pickle that could
+        # run code stops the run here (weights_only_loads below refuses it again at load time).
+        refused = unsafe_pickles(Path(resume_path))
+        if refused:
+            from_s3 = train_args.resume_from == "latest" or train_args.resume_from.startswith("s3://")
+            where = (f" (downloaded from the {Path(resume_path).name} that --resume_from {train_args.resume_from} "
+                     "picked: delete it in S3 or pass an older one, --resume_from s3://.../checkpoint-N)") if from_s3 else ""
+            raise SystemExit("Cannot resume" + where + ":\n  " + "\n  ".join(refused))
 
     with args.main_process_first(desc="base model conversion and tokenization"):
         model_path = resolve_base_model(model_args.base_model, cache_dir)
@@ -294,7 +336,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
          + (f"; {model_args.peft}: {trainable / 1e6:.3f}M trainable ({trainable / parameters:.2%})"
             if model_args.peft != "none" else "")
          + ("; frozen base weights in 4-bit NF4" if quantized else ""))
-    comm_op = None if cuda or args.process_index != 0 else cpu_comm_op_path()
+    comm_op = None if cuda or not args.deepspeed or args.process_index != 0 else cpu_comm_op_path()
     if comm_op is not None and not comm_op.is_file():
         # The first CPU run in a Python environment: DeepSpeed compiles this op before the first
         # evaluation, with no output for a minute or two.
@@ -313,26 +355,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                                               on_point=stream.evaluation_point)
         callbacks.append(generation_eval)
     uploader = None
-    node, nodes = node_layout(args.process_index, args.world_size)
-    if train_args.s3_uri:
+    if train_args.s3_uri:  # reachable and readable: _s3_access_problems listed it before the data loaded
         store = S3CheckpointStore(f"{train_args.s3_uri.rstrip('/')}/checkpoints", node=node, nodes=nodes)
-        store.names()  # reachable and readable, before any training: CheckpointStoreError otherwise
         # One uploader per node: each node's ranks wrote their ZeRO shards to that node's disk.
         if args.local_process_index == 0:
             uploader = BackgroundUploader(store, keep=train_args.save_total_limit, staging_root=output_dir / STAGING)
             callbacks.append(upload_callback(uploader))
-    resume_path = None
-    if train_args.resume_from:
-        # One download per node; the other local ranks read which folder it chose.
-        chosen = output_dir / "resume" / "CHOSEN"
-        with args.main_process_first(local=True, desc="checkpoint download"):
-            if args.local_process_index == 0:
-                found = resolve_resume(train_args.resume_from, train_args.s3_uri, output_dir / "resume",
-                                       node=node, nodes=nodes)
-                chosen.parent.mkdir(parents=True, exist_ok=True)
-                chosen.write_text(str(found or ""))
-            resume_path = chosen.read_text() or None
-        _same_checkpoint_everywhere(resume_path, args.world_size)
     start_step = 0
     if resume_path:
         # The checkpoint's log history already holds the base model's eval loss (step 0) and every
@@ -352,7 +380,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # PrintProgress prints one readable line instead
-    result = trainer.train(resume_from_checkpoint=resume_path)
+    # Resuming, every torch.load is weights_only with the allowlist (DeepSpeed asks for
+    # weights_only=False): a checkpoint file swapped after unsafe_pickles read it still cannot run code.
+    with weights_only_loads(deepspeed=bool(args.deepspeed)) if resume_path else contextlib.nullcontext():
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_path)
+        except pickle.UnpicklingError as err:
+            reason = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+            raise SystemExit(
+                f"Cannot resume: a file in {resume_path} changed after it was checked and holds a pickle "
+                f"that weights_only loading refuses ({reason.group(1) if reason else err}): it was not written "
+                "by this trainer. Delete the checkpoint or resume from another one."
+            ) from None
     if preemption.requested:
         step = trainer.state.global_step
         stream.end(step, "preempted")
@@ -381,6 +420,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     # Gathers ZeRO-3 shards into one safetensors model (under LoRA: the adapter alone).
     adapter_dir = output_dir / ADAPTER_DIR if model_args.peft != "none" and model_args.merge_adapter else output_dir
     trainer.save_model(str(adapter_dir))
+    if trainer.is_world_process_zero():
+        # save_model pickles the TrainingArguments beside the weights: no part of a model (PUBLISHED).
+        (adapter_dir / TRAINING_ARGS).unlink(missing_ok=True)
     state = trainer.state
 
     eval_before = eval_history[0][1]  # eval_on_start at step 0: the loss of the untrained model
@@ -433,53 +475,103 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         # This rank's peak so far: GPU memory the tensors took, else (CPU) the process's resident set.
         "peak_memory_bytes": _peak_memory_bytes(cuda),
     }
+    not_uploaded = []
     if uploader is not None:
         uploader.close()
         metrics["checkpoints_uploaded"] = [m["name"] for m in uploader.uploaded]
+        not_uploaded += uploader.failures
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(adapter_dir))
-        if adapter_dir != output_dir:
+        merged = adapter_dir != output_dir
+        if merged:
             metrics["adapter_bytes"] = _bytes_in(adapter_dir)
             _log(f"merging the adapter ({metrics['adapter_bytes'] / 1e6:.1f} MB) into the base model")
             save_merged(adapter_dir, output_dir, dtype=dtype, trust_remote_code=model_args.trust_remote_code,
                         cache_dir=cache_dir)
         elif model_args.peft != "none":
-            metrics["adapter_bytes"] = _bytes_in(output_dir, exclude=LOCAL_ONLY)
+            metrics["adapter_bytes"] = sum((output_dir / f).stat().st_size for f in published_files(output_dir, merged_adapter=False)
+                                           if f.name != METRICS_FILE)
         if train_args.s3_uri:
             metrics["model_location"] = f"{train_args.s3_uri.rstrip('/')}/model"
         (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        stream.end(metrics["global_step"], "done")  # training is done, whatever the uploads below do
         if train_args.s3_uri:
             run_store = S3CheckpointStore(train_args.s3_uri)
-            model_manifest = run_store.upload(output_dir, name="model", exclude=LOCAL_ONLY)
-            if (output_dir / "logs").is_dir():  # TensorBoard: tensorboard --logdir s3://.../logs
-                run_store.upload(output_dir / "logs", name="logs")
-            kept = set(S3CheckpointStore(f"{run_store.uri}/checkpoints").names())
-            uploads = {
-                "model_location": metrics["model_location"],
-                "model": model_manifest,
-                "checkpoints": {
-                    f"{run_store.uri}/checkpoints/{m['name']}": m for m in uploader.uploaded if m["name"] in kept
-                },
-            }
-            # Written after the model upload, so it is not part of it: the flow reads it.
-            (output_dir / UPLOADS_FILE).write_text(json.dumps(uploads, indent=1))
-            _log(f"final model uploaded to {metrics['model_location']}")
-        stream.end(metrics["global_step"], "done")
+            try:
+                model_manifest = publish_model(output_dir, published_files(output_dir, merged_adapter=merged), run_store)
+                if (output_dir / "logs").is_dir():  # TensorBoard: tensorboard --logdir s3://.../logs
+                    run_store.upload(output_dir / "logs", name="logs")
+                kept = set(S3CheckpointStore(f"{run_store.uri}/checkpoints").names())
+            except CheckpointStoreError as err:
+                not_uploaded.append(f"the model ({metrics['model_location']}): {err}")
+            else:
+                uploads = {
+                    "model_location": metrics["model_location"],
+                    "model": model_manifest,
+                    "checkpoints": {
+                        f"{run_store.uri}/checkpoints/{m['name']}": m for m in uploader.uploaded if m["name"] in kept
+                    },
+                }
+                # Written after the model upload, so it is not part of it: the flow reads it.
+                (output_dir / UPLOADS_FILE).write_text(json.dumps(uploads, indent=1))
+                _log(f"final model uploaded to {metrics['model_location']}")
         _log(
             f"done: eval loss {eval_before:.4f} -> {metrics['eval_loss_after']:.4f}, "
             f"{metrics['global_step']} steps, {metrics['tokens_per_second']:.0f} tokens/s; model in {output_dir}"
         )
-    if uploader is not None and uploader.failures:
+    if not_uploaded:
         raise SystemExit(
-            "Training finished but checkpoint uploads failed (local checkpoints are kept in "
-            f"{output_dir / 'checkpoints'}):\n  " + "\n  ".join(uploader.failures)
+            f"Training finished: the model is in {output_dir}, the checkpoints in {output_dir / 'checkpoints'}; "
+            "these did not upload:\n  " + "\n  ".join(not_uploaded)
         )
     return metrics
 
 
-def _bytes_in(directory: Path, exclude: tuple[str, ...] = ()) -> int:
-    return sum(f.stat().st_size for f in directory.rglob("*")
-               if f.is_file() and f.relative_to(directory).parts[0] not in exclude)
+def _bytes_in(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def published_files(output_dir: Path, *, merged_adapter: bool) -> list[Path]:
+    """What of ``output_dir`` is the model (paths relative to it): the names PUBLISHED allows, at
+    its top and, when the adapter was merged, in its adapter/ folder; regular files, never a symlink."""
+    folders = [output_dir, output_dir / ADAPTER_DIR] if merged_adapter else [output_dir]
+    return [path.relative_to(output_dir) for folder in folders if folder.is_dir() and not folder.is_symlink()
+            for path in sorted(folder.iterdir())
+            if not path.is_symlink() and path.is_file() and any(fnmatch(path.name, p) for p in PUBLISHED)]
+
+
+def publish_model(output_dir: Path, files: list[Path], store: S3CheckpointStore) -> dict[str, Any]:
+    """Upload ``files`` of ``output_dir`` (published_files) as ``<store uri>/model``; returns the
+    manifest. The store uploads whole folders: the files are hard-linked into a staging folder
+    that holds nothing else, and that folder is uploaded."""
+    staged = output_dir / STAGING / "model"
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        for relative in files:
+            (staged / relative).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(output_dir / relative, staged / relative)
+            except OSError:  # a file system without hard links: a copy, for the upload's duration
+                shutil.copy2(output_dir / relative, staged / relative)
+        return store.upload(staged, name="model")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _s3_access_problems(train_args: TrainArguments) -> list[str]:
+    """Each S3 prefix the run reads or writes, listed now: missing credentials or an unreachable
+    endpoint show in seconds, not after the data is tokenized and the model loaded."""
+    flags = [("--s3_uri", f"{train_args.s3_uri.rstrip('/')}/checkpoints" if train_args.s3_uri.startswith("s3://") else ""),
+             ("--resume_from", train_args.resume_from if train_args.resume_from.startswith("s3://") else "")]
+    problems = []
+    for flag, uri in flags:
+        if not uri:
+            continue
+        try:
+            S3CheckpointStore(uri).names(warn=False)
+        except CheckpointStoreError as err:
+            problems.append(f"{flag}: {err}")
+    return problems
 
 
 def _peak_memory_bytes(cuda: bool) -> int:
