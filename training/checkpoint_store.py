@@ -400,7 +400,7 @@ class S3CheckpointStore:
         try:
             with contextlib.suppress(FileNotFoundError):  # what a killed download of this process id left
                 shutil.rmtree(partial, dir_fd=target_fd)
-            os.mkdir(partial, 0o700, dir_fd=target_fd)
+            os.mkdir(partial, 0o755, dir_fd=target_fd)
             partial_fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=target_fd)
             try:
                 self._fetch_parts(name, parts, partial_fd)

@@ -43,18 +43,33 @@ def put(bucket: str, key: str, body: bytes | dict | list) -> None:
 
 
 class CountingClient:
-    """A real boto3 client that counts get_object calls and can refuse some keys."""
+    """A real boto3 client that counts get_object calls and the bytes read from their bodies,
+    and can refuse some keys."""
 
     def __init__(self, denied: str = ""):
         self.client = boto3.client("s3")
         self.denied = denied
         self.gets: list[str] = []
+        self.bytes_read = 0
 
     def get_object(self, **kwargs):
         self.gets.append(kwargs["Key"])
         if self.denied and self.denied in kwargs["Key"]:
             raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
-        return self.client.get_object(**kwargs)
+        response = self.client.get_object(**kwargs)
+        body = response["Body"]
+        counter = self
+
+        class CountedBody:
+            def read(self, amt=None):
+                data = body.read(amt)
+                counter.bytes_read += len(data)
+                return data
+
+            def close(self):
+                body.close()
+
+        return {**response, "Body": CountedBody()}
 
     def __getattr__(self, name):
         return getattr(self.client, name)
@@ -167,8 +182,10 @@ def test_an_oversized_manifest_is_not_read_whole(tmp_path, s3_bucket_name, capsy
     manifest = read_manifest(s3_bucket_name, key)
     manifest["padding"] = "x" * (17 * 1024 * 1024)
     put(s3_bucket_name, key, manifest)
-    assert store.names() == ["checkpoint-1"]
+    client = CountingClient()
+    assert S3CheckpointStore(store.uri, client=client).names() == ["checkpoint-1"]
     assert "over 16 MB" in capsys.readouterr().err
+    assert client.bytes_read <= 16 * 1024 * 1024 + 1 + 2000  # the bound, and checkpoint-1's manifest
 
 
 def test_access_denied_on_a_manifest_skips_that_checkpoint(tmp_path, s3_bucket_name, capsys):
