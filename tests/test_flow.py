@@ -63,8 +63,22 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
     """Bad inputs grouped so that one `start` reports several at once, as it lists every problem:
     run -> (config, flow arguments, what the output must say). One data set and one instruction
     file per run."""
-    malformed = tmp / "bad.jsonl"
-    malformed.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a", \n')
+    # A directory of every way a data file can be unreadable: a malformed line, a line nested
+    # 100k deep (RecursionError in json.loads), a binary file, a corrupt parquet.
+    data_dir = tmp / "data"
+    data_dir.mkdir()
+    malformed = data_dir / "bad.jsonl"
+    malformed.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a", \n'
+                         + "[" * 100_000 + "]" * 100_000 + "\n")
+    binary = b"\x1f\x8b\x08\x00" + bytes(range(256))  # a gzip header: not UTF-8
+    (data_dir / "binary.jsonl").write_bytes(binary)
+    (data_dir / "corrupt.parquet").write_bytes(b"PAR1" + binary)
+    binary_file = tmp / "binary.jsonl"
+    binary_file.write_bytes(binary)
+    binary_template = tmp / "binary.jinja"
+    binary_template.write_bytes(binary)
+    zero_not_object = tmp / "zero-string.json"
+    zero_not_object.write_text(json.dumps({"zero_optimization": "3"}))
     no_response = write_jsonl(tmp / "noresp.jsonl", [
         {"instruction": "a", "response": "b"}, {"instruction": "a"},
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
@@ -75,31 +89,38 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
     bad_instructions = tmp / "eval.jsonl"
     bad_instructions.write_text('{"instruction": "ok"}\n{"context": "no instruction"}\n')
     return {
-        # The bundled model is converted only when every other input is right: a wrong number
-        # alone must not also bring a warning that its size could not be read.
-        "a wrong number on the default preset": (
-            str(REPO / "flows" / "configs" / "local-cpu.json"), ["--batch-size", "0"],
-            ["--batch-size: must be positive, got 0."],
+        # The bundled model is converted only when every other input is right: problems found
+        # without it must not also bring a warning that its size could not be read.
+        "numbers, instructions and DeepSpeed config on the default preset": (
+            str(REPO / "flows" / "configs" / "local-cpu.json"),
+            ["--batch-size", "0", "--eval-instructions", str(binary_file), "--deepspeed-config", str(zero_not_object)],
+            ["--batch-size: must be positive, got 0.",
+             f"--eval_instructions: {binary_file} is not UTF-8 text (byte 0x8b at offset 1",
+             f"--deepspeed-config: {zero_not_object} has zero_optimization '3', a string; it must be an object"],
         ),
         "missing data, numbers, model, DeepSpeed, instructions": (
             str(tiny_config),
             ["--dataset", str(tmp / "nope.jsonl"), "--batch-size", "0", "--deepspeed-config", str(stage_7),
-             "--base-model", str(tmp / "no-model"), "--eval-instructions", str(bad_instructions)],
+             "--base-model", str(tmp / "no-model"), "--eval-instructions", str(bad_instructions),
+             "--prompt-format", "chat", "--chat-template", str(binary_template)],
             ["nope.jsonl does not exist", "--batch-size: must be positive, got 0.", "--deepspeed-config: ",
              "zero_optimization.stage 7", "no-model does not exist",
-             "eval.jsonl line 2: needs a non-empty 'instruction' string"],
+             "eval.jsonl line 2: needs a non-empty 'instruction' string",
+             f"--chat-template: {binary_template} is not UTF-8 text (byte 0x8b at offset 1"],
         ),
-        "malformed JSON, missing instructions, chat without a template": (
+        "unreadable data, missing instructions, chat without a template": (
             str(tiny_config),
-            ["--dataset", str(malformed), "--eval-instructions", str(tmp / "nothing.jsonl"), "--prompt-format", "chat"],
+            ["--dataset", str(data_dir), "--eval-instructions", str(tmp / "nothing.jsonl"), "--prompt-format", "chat"],
             ["bad.jsonl line 2: not valid JSON", "or set config training.skip_bad_rows to skip",
+             "bad.jsonl line 3: JSON nested deeper than Python's recursion limit",
+             "binary.jsonl: not UTF-8 text (byte 0x8b at offset 1", "corrupt.parquet: not a readable parquet file",
              "nothing.jsonl does not exist",
              "has no chat template. Set one with --chat-template chatml (adds <|im_start|>/<|im_end|>)"],
         ),
         # A typo in the config's training section is an error, not a silently ignored setting.
-        "row without a response, unknown config key, LoRA settings": (
+        "row without a response, unknown config key, LoRA settings, sequence length": (
             write_config(tiny_config, tmp, gradient_checkpoint=True, lora_r=0,
-                         lora_target_modules="q_proj,query_key_value"),
+                         lora_target_modules="q_proj,query_key_value", max_seq_length=1_000_000_000),
             ["--dataset", str(no_response), "--peft", "qlora", "--deepspeed-config", "ds_configs/zero3.json"],
             ["noresp.jsonl line 2: no 'response' (Dolly schema), 'output' (Alpaca)",
              "noresp.jsonl line 3: a conversation with 4 turns; the Dolly prompt format holds one user turn",
@@ -108,15 +129,17 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
              "config training.lora_r: must be a positive rank (8, 16, 64...), got 0.",
              "config training.lora_target_modules: query_key_value not in ",
              "its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or use all-linear)",
-             "--peft qlora cannot run under ZeRO-3 (--deepspeed-config ds_configs/zero3.json)"],
+             "--peft qlora cannot run under ZeRO-3 (--deepspeed-config ds_configs/zero3.json)",
+             "config training.max_seq_length: 1000000000 is more than ",
+             " takes (1024 positions); use config training.max_seq_length 1024 or less."],
         ),
     }
 
 
-@pytest.mark.parametrize("case", ["a wrong number on the default preset",
+@pytest.mark.parametrize("case", ["numbers, instructions and DeepSpeed config on the default preset",
                                   "missing data, numbers, model, DeepSpeed, instructions",
-                                  "malformed JSON, missing instructions, chat without a template",
-                                  "row without a response, unknown config key, LoRA settings"])
+                                  "unreadable data, missing instructions, chat without a template",
+                                  "row without a response, unknown config key, LoRA settings, sequence length"])
 def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, case):
     config, args, expected = bad_input_runs(tiny_config, tmp_path)[case]
     returncode, output = run_flow(config, flow_home, *args)
@@ -125,6 +148,7 @@ def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, case):
     missing = [message for message in expected if message not in output]
     assert not missing, (missing, output[-3000:])
     assert "Preflight warning" not in output, output[-3000:]  # only the problems
+    assert "Internal error" not in output and "Traceback" not in output, output[-3000:]
     assert "/start/" in output and "/train/" not in output  # stopped before any training task
 
 
