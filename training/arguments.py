@@ -112,7 +112,10 @@ class DataArguments:
     )
     max_seq_length: int = field(
         default=256,
-        metadata={"help": "Rows longer than this many tokens are dropped (and counted), never truncated."},
+        metadata={
+            "help": "Rows longer than this many tokens are dropped (and counted), never truncated; at most "
+            "the model's positions (its config's max_position_embeddings)."
+        },
     )
     test_size: float = field(
         default=0.1,

@@ -6,7 +6,9 @@ A source is one of:
 * a local ``.jsonl``, ``.json`` (a list of objects, or JSON lines) or ``.parquet`` file;
 * a local directory of such files: files named ``train*`` form the train split and files named
   ``eval*``, ``test*``, ``valid*`` the held-out split; with no such names every file is train;
-* an ``s3://bucket/key`` file or ``s3://bucket/prefix/`` directory, downloaded then read as above;
+* an ``s3://bucket/key`` file or ``s3://bucket/prefix/`` directory, downloaded then read as above
+  (into a cache folder keyed by the objects' ETags: a changed data set is downloaded again; a key
+  whose name would land outside that folder, such as ``prefix/../x.jsonl``, is refused);
 * a hub data set id such as ``databricks/databricks-dolly-15k`` (``datasets.load_dataset``).
 
 Each row is recognized by its fields:
@@ -23,7 +25,8 @@ with an assistant turn. Under ``prompt_format="dolly"`` a conversation must be o
 one assistant turn (it becomes a Dolly row); ``"chat"`` takes any. A line that is not JSON, or a
 row without what its schema needs (an instruction, a response, known roles in order, non-empty
 turns), is an error that names the file and line, reported for every bad row at once;
-``skip_bad_rows=True`` skips and counts them instead.
+``skip_bad_rows=True`` skips and counts them instead. A file that cannot be read at all (not
+UTF-8, a corrupt parquet) is an error even then.
 
     python -c "from training.dataset import load_instruction_data as l; print(l('bundled:dolly-sample'))"
 """
