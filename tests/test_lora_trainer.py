@@ -157,3 +157,22 @@ def test_qlora_gradients_stay_right_after_an_evaluation_on_cpu(untied_model_dir)
     with torch.no_grad():
         model(input_ids=ids)
     assert torch.allclose(input_gradient(), before, rtol=1e-4, atol=1e-7)
+
+
+def test_only_bitsandbytes_missing_cpu_kernel_warning_is_dropped(caplog):
+    """bitsandbytes warns at import, on CPUs with AVX-512 BF16, that it could not fetch a fused
+    4-bit CPU kernel from the hub; peft imports it on every run. The trainer drops that message
+    (training/adapters.py says why), and nothing else its logger says."""
+    import inspect
+    import logging
+
+    import bitsandbytes.backends.cpu.ops as cpu_ops
+
+    from training.adapters import CPU_KERNEL_WARNING, quiet_missing_cpu_kernel_warning
+
+    assert CPU_KERNEL_WARNING in inspect.getsource(cpu_ops)  # the message this bitsandbytes writes
+    quiet_missing_cpu_kernel_warning()
+    with caplog.at_level(logging.WARNING):
+        cpu_ops.logger.warning(CPU_KERNEL_WARNING + " from kernels-community: %s. Please make sure ...", "offline")
+        cpu_ops.logger.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records if r.name == cpu_ops.logger.name] == ["another bitsandbytes warning"]

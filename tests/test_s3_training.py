@@ -48,7 +48,8 @@ def test_checkpoints_and_model_go_to_s3_with_retention(tiny_model_dir, small_dat
     model = S3CheckpointStore(uri).download("model", tmp_path / "downloaded")  # verifies every sha256
     names = {p.name for p in model.iterdir()}
     assert {"model.safetensors", "tokenizer.json", "config.json", "metrics.json"} <= names
-    assert not names & {"checkpoints", "logs"}
+    assert not names & {"checkpoints", "logs", "training_args.bin", "s3_uploads.json"}
+    assert not (tmp_path / "out" / "training_args.bin").exists()  # a pickle: no part of the model
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(model)
@@ -102,9 +103,28 @@ def test_resume_latest_with_nothing_uploaded_starts_fresh(tiny_model_dir, small_
     assert "no valid checkpoint in" in result.stdout and "starting fresh" in result.stdout
 
 
-def test_unreachable_s3_stops_before_training(tiny_model_dir, small_dataset_dir, tmp_path):
+def test_unreachable_s3_stops_before_the_data_loads(tiny_model_dir, small_dataset_dir, tmp_path):
+    """Each S3 flag is checked (its prefix listed) before any data is read, and both are reported."""
     env = python_env(AWS_ENDPOINT_URL_S3="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s",
                      AWS_DEFAULT_REGION="us-east-1")
+    result = subprocess.run(
+        [sys.executable, "-m", "training.trainer", "--base_model", str(tiny_model_dir), "--dataset",
+         str(small_dataset_dir), "--s3_uri", "s3://bucket/x", "--resume_from", "s3://bucket/y/checkpoint-3",
+         "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "Cannot train:\n  --s3_uri: S3 list failed for s3://bucket/x/checkpoints: " in result.stderr
+    assert "\n  --resume_from: S3 list failed for s3://bucket/y/checkpoint-3: " in result.stderr
+    assert "Check the URL, the endpoint (AWS_ENDPOINT_URL_S3) and your AWS credentials." in result.stderr
+    assert "[trainer] data " not in result.stdout
+
+
+def test_s3_without_credentials_stops_before_the_data_loads(tiny_model_dir, small_dataset_dir, tmp_path):
+    env = python_env(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+                     AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        env.pop(key, None)
     result = subprocess.run(
         [sys.executable, "-m", "training.trainer", "--base_model", str(tiny_model_dir), "--dataset",
          str(small_dataset_dir), "--s3_uri", "s3://bucket/x", "--output_dir", str(tmp_path / "out"),
@@ -112,8 +132,61 @@ def test_unreachable_s3_stops_before_training(tiny_model_dir, small_dataset_dir,
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    assert "Cannot train: S3 list failed for s3://bucket/x/checkpoints" in result.stderr
-    assert "step 1/" not in result.stdout
+    assert "Cannot train:\n  --s3_uri: S3 list failed for s3://bucket/x/checkpoints: no AWS credentials found." \
+        in result.stderr
+    assert "[trainer] data " not in result.stdout
+
+
+def test_a_checkpoint_in_s3_with_a_pickle_payload_is_refused_before_the_model_loads(
+        tiny_model_dir, small_dataset_dir, s3_env, s3_bucket_name, tmp_path):
+    """Its manifest verifies (whoever wrote the bucket wrote it too): the pickle is refused all the
+    same, named, with where it came from and what to do; the payload never runs."""
+    from tests.unit.test_safe_loading import write_payload
+
+    uri = f"s3://{s3_bucket_name}/crafted"
+    checkpoint = tmp_path / "upload" / "checkpoint-4"
+    marker = tmp_path / "payload-ran"
+    write_payload(checkpoint / "rng_state.pth", marker)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": []}))
+    S3CheckpointStore(f"{uri}/checkpoints").upload(checkpoint)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "training.trainer", "--base_model", str(tiny_model_dir), "--dataset",
+         str(small_dataset_dir), "--s3_uri", uri, "--resume_from", "latest", "--max_steps", "6",
+         "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")],
+        cwd=REPO, env=python_env(**s3_env), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    downloaded = tmp_path / "out" / "resume" / "checkpoint-4" / "rng_state.pth"
+    assert ("Cannot resume (downloaded from the checkpoint-4 that --resume_from latest picked: delete it in S3 "
+            "or pass an older one, --resume_from s3://.../checkpoint-N):\n"
+            f"  {downloaded} holds a pickle that references posix.system") in result.stderr
+    assert "[trainer] model " not in result.stdout
+    assert not marker.exists()
+
+
+def test_a_failed_final_upload_says_training_finished_and_where_the_model_is(
+        tiny_model_dir, small_dataset_dir, s3_env, s3_bucket_name, tmp_path, monkeypatch):
+    from training import trainer
+    from training.checkpoint_store import CheckpointStoreError
+
+    def upload_fails(output_dir, files, store):
+        raise CheckpointStoreError(f"S3 upload failed for {store.uri}: the endpoint went away.")
+
+    monkeypatch.setattr(trainer, "publish_model", upload_fails)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "out" / "logs"))  # the trainer's setdefault
+    uri = f"s3://{s3_bucket_name}/finished"
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as raised:
+        trainer.main(["--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir), "--s3_uri", uri,
+                      "--max_steps", "2", "--save_steps", "1000", "--eval_instructions", "none",
+                      "--per_device_train_batch_size", "4", "--output_dir", str(out),
+                      "--cache_dir", str(tmp_path / "cache")])
+    message = str(raised.value.code)
+    assert message == (f"Training finished: the model is in {out}, the checkpoints in {out / 'checkpoints'}; "
+                       f"these did not upload:\n  the model ({uri}/model): S3 upload failed for {uri}: "
+                       "the endpoint went away.")
+    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
 
 
 def test_sigterm_checkpoints_and_uploads_within_the_grace_period(tiny_model_dir, small_dataset_dir, s3_env,

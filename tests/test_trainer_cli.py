@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ from tests.conftest import REPO, free_port, python_env, run_bounded, write_jsonl
 TRAINER = [sys.executable, "-m", "training.trainer"]
 
 
-def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return run_bounded(command, cwd=REPO, env=python_env(), timeout=600, **kwargs)
+def run(command: list[str], *, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return run_bounded(command, cwd=REPO, env=env or python_env(), timeout=600, **kwargs)
 
 
 def train_losses(output: str) -> list[float]:
@@ -45,8 +46,10 @@ def test_tiny_model_trains_saves_and_loads(tiny_model_dir, small_dataset_dir, tm
         "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "4",
         "--learning_rate", "1e-3", "--logging_steps", "2", "--max_seq_length", "1024",
         "--cache_dir", str(tmp_path / "cache"),
-    ])
+    ], env=python_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "no-ops-built")))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # No DeepSpeed, so no word of building its CPU op, although none is built in that folder.
+    assert "DeepSpeed compiles" not in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("eval_loss_before", "eval_loss_after", "train_loss", "train_runtime_s", "tokens_per_second",
                 "global_step", "tokens", "train_rows", "eval_rows", "dropped_long_rows"):
@@ -152,3 +155,48 @@ def test_deepspeed_zero3_saves_a_full_model(tiny_model_dir, small_dataset_dir, t
     compared = [name for name in saved if base[name].shape == saved[name].shape]  # not the grown vocabulary
     assert len(compared) >= len(saved) - 1, sorted(saved)
     assert [name for name in compared if base[name].equal(saved[name])] == []
+
+
+def test_deepspeed_resumes_from_a_local_checkpoint_and_refuses_one_with_a_pickle_payload(
+        tiny_model_dir, small_dataset_dir, tmp_path):
+    """`--resume_from <a checkpoint folder>` under DeepSpeed ZeRO-2 continues at the step it saved,
+    with every load weights_only (DeepSpeed's own asks for weights_only=False). The same folder
+    with a crafted mp_rank_00_model_states.pt is refused, the file named, before the model loads;
+    the payload never runs."""
+    from tests.unit.test_safe_loading import write_payload
+    from training.safe_loading import unsafe_pickles
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+
+    def deepspeed(output: str, *args: str) -> subprocess.CompletedProcess:
+        return run([
+            str(launcher), "--num_gpus", "1", "--master_port", free_port(), "--module", "training.trainer",
+            "--deepspeed", "ds_configs/zero2.json", "--base_model", str(tiny_model_dir),
+            "--dataset", str(small_dataset_dir), "--output_dir", str(tmp_path / output),
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_instructions", "none",
+            "--cache_dir", str(tmp_path / "cache"), *args,
+        ])
+
+    first = deepspeed("first", "--max_steps", "2", "--save_steps", "2")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
+    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint-2"
+    assert unsafe_pickles(checkpoint) == []  # the allowlist takes every file the trainer wrote
+
+    resumed = deepspeed("second", "--max_steps", "4", "--resume_from", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-3000:]
+    assert [int(s) for s in re.findall(r"\[trainer\] step (\d+)/4 loss=", resumed.stdout)] == [3, 4]
+    metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
+    assert (metrics["resumed_from_step"], metrics["global_step"]) == (2, 4)
+    assert not (tmp_path / "second" / "training_args.bin").exists()  # a pickle: never part of the model
+
+    crafted = tmp_path / "crafted" / "checkpoint-2"
+    shutil.copytree(checkpoint, crafted)
+    marker = tmp_path / "payload-ran"
+    bad = write_payload(crafted / "global_step2" / "mp_rank_00_model_states.pt", marker)
+    refused = deepspeed("third", "--max_steps", "4", "--resume_from", str(crafted))
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert (f"Cannot resume:\n  {bad} holds a pickle that references posix.system, which a checkpoint never "
+            "needs: it was not written by this trainer. Delete it or resume from another checkpoint.") in output
+    assert "[trainer] model " not in output  # refused before the model loaded
+    assert not marker.exists()
