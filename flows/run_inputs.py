@@ -30,6 +30,7 @@ PARAMETER_FOR_FLAG = {
     "peft": "--peft",
     "prompt_format": "--prompt-format",
     "chat_template": "--chat-template",
+    "eval_instructions": "--eval-instructions",
 }
 CONFIG_KEY_FOR_FLAG = {"per_device_eval_batch_size": "eval_batch_size"}
 # Config "training" keys that are the defaults of flow parameters (a sweep point may set them).

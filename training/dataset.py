@@ -285,8 +285,9 @@ def _download_s3_objects(url: str, cache_dir: Path) -> Path:
 
     bucket, _, key = url[len("s3://") :].partition("/")
     client = boto3.client("s3")
+    one_file = bool(key) and not key.endswith("/")
     # (key, local name inside the folder, ETag, size) of every object to read.
-    if key and not key.endswith("/"):
+    if one_file:
         head = client.head_object(Bucket=bucket, Key=key)
         objects = [(key, _local_name(url, key, key.rpartition("/")[2]), head["ETag"], head["ContentLength"])]
     else:
@@ -323,14 +324,14 @@ def _download_s3_objects(url: str, cache_dir: Path) -> Path:
             except OSError:
                 if not target.is_dir():  # another rank or step put the same objects there first
                     raise
-    return target / objects[0][1] if key and not key.endswith("/") else target
+    return target / objects[0][1] if one_file else target
 
 
 def _local_name(url: str, key: str, name: str) -> str:
     """``name`` (an object's key below the prefix) as a relative path that stays inside the cache
     folder; a key that would write elsewhere is refused."""
-    parts = name.split("/")
-    if not name or name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+    # split("/") of "", "/x" or "a//b" holds an empty segment, of "a/../b" a ".." one.
+    if any(part in ("", ".", "..") for part in name.split("/")):
         raise DatasetError(
             f"--dataset: {url} holds the object {key!r}, whose name would be written outside the "
             "download folder (an empty, '.' or '..' path segment, or a leading '/'). Rename or "

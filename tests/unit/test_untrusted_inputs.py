@@ -44,13 +44,16 @@ def jsonl(rows: list[dict]) -> str:
     return "\n".join(json.dumps(row) for row in rows)
 
 
-def test_s3_key_that_would_escape_the_cache_is_refused(tmp_path, s3):
+@pytest.mark.parametrize("escape", ["relative", "absolute"])
+def test_s3_key_that_would_escape_the_cache_is_refused(tmp_path, s3, escape):
     cache = tmp_path / "cache"
     s3.put_object(Bucket="data", Key="data/train.jsonl", Body=jsonl([GOOD] * 3))
-    # Below the prefix "data/" this is "../../escape.jsonl": cache/s3/<folder>/../../escape.jsonl
-    # is cache/escape.jsonl, outside the download folder.
-    s3.put_object(Bucket="data", Key="data/../../escape.jsonl", Body=jsonl([GOOD]))
-    with pytest.raises(DatasetError, match=r"holds the object 'data/\.\./\.\./escape\.jsonl'.*Rename or remove"):
+    # Below the prefix "data/", "../../escape.jsonl": cache/s3/<folder>/../../escape.jsonl is
+    # cache/escape.jsonl; "/<tmp_path>/escape.jsonl": an absolute path, which pathlib's join keeps.
+    key = "data/../../escape.jsonl" if escape == "relative" else f"data/{tmp_path}/escape.jsonl"
+    s3.put_object(Bucket="data", Key=key, Body=jsonl([GOOD]))
+    with pytest.raises(DatasetError, match=rf"holds the object '{key}', whose name would be written outside.*"
+                                           "Rename or remove that object"):
         load_instruction_data("s3://data/data/", cache_dir=cache)
     assert not list(tmp_path.rglob("escape.jsonl"))
     assert not list(cache.rglob("*.jsonl"))  # nothing of the refused listing was downloaded
