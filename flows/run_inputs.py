@@ -204,7 +204,7 @@ def run_wide_problems(flow: Any, flow_name: str, run_id: str) -> list[str]:
         try:
             load_eval_instructions(flow.eval_instructions or DEFAULT_EVAL_INSTRUCTIONS)
         except EvalInstructionsError as err:
-            problems.append(str(err))
+            problems.append(in_flow_terms(str(err)))  # it names the trainer's --eval_instructions
     return problems
 
 

@@ -95,7 +95,7 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
             str(REPO / "flows" / "configs" / "local-cpu.json"),
             ["--batch-size", "0", "--eval-instructions", str(binary_file), "--deepspeed-config", str(zero_not_object)],
             ["--batch-size: must be positive, got 0.",
-             f"--eval_instructions: {binary_file} is not UTF-8 text (byte 0x8b at offset 1",
+             f"--eval-instructions: {binary_file} is not UTF-8 text (byte 0x8b at offset 1",
              f"--deepspeed-config: {zero_not_object} has zero_optimization '3', a string; it must be an object"],
         ),
         "missing data, numbers, model, DeepSpeed, instructions": (
