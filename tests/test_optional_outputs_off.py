@@ -30,9 +30,9 @@ from tests.conftest import (
     of_type,
     write_config,
 )
+from tests.unit.test_card_escaping import IMG
 
 OFF = {"max_steps": 2, "eval_instructions": "none"}  # Runner arguments: the flow's parameters
-IMG = "<img src=x onerror=\"document.title='pwned'\">"
 
 
 def all_off_config(tiny_config: Path, directory: Path, **top: object) -> Path:

@@ -22,7 +22,9 @@ from tests.conftest import (
     python_env,
     run_bounded,
     walk_components,
+    write_jsonl,
 )
+from tests.unit.test_card_escaping import IMG
 
 FLOW = REPO / "flows" / "dolly_sweep_flow.py"
 ARTIFACTS = REPO / "test-artifacts"
@@ -37,14 +39,22 @@ def sweep_config(tiny_config: Path, directory: Path, sweep: dict) -> Path:
     return path
 
 
+# The evaluation's instructions: the second carries a script, which the comparison card shows as text.
+INSTRUCTIONS = [{"instruction": "Name a color.", "context": ""},
+                {"instruction": f"Say hi. {IMG}", "context": ""}]
+
+
 @pytest.fixture(scope="module")
 def sweep_run(tiny_config, flow_home, tmp_path_factory):
     """Three points at once: two learning rates, and a point that passes start's checks and then
     fails in its trainer (every row is longer than its max_seq_length)."""
-    config = sweep_config(tiny_config, tmp_path_factory.mktemp("sweep"), {
+    directory = tmp_path_factory.mktemp("sweep")
+    config = sweep_config(tiny_config, directory, {
         "points": [{"learning_rate": 1e-3}, {"learning_rate": 1e-5}, {"max_seq_length": 24}]})
+    instructions = write_jsonl(directory / "instructions.jsonl", INSTRUCTIONS)
     with metaflow_runner(str(FLOW), show_output=False, env=flow_env(flow_home), cwd=str(flow_home),
-                         config=[("config", str(config))]).run(max_workers=3) as running:
+                         config=[("config", str(config))]).run(max_workers=3,
+                                                               eval_instructions=str(instructions)) as running:
         assert running.status == "successful", running.stdout[-5000:] + running.stderr[-5000:]
         return running.run, running.stdout
 
@@ -94,7 +104,7 @@ def test_points_train_in_parallel_a_failing_one_is_a_row_and_the_best_is_kept(sw
     tables = [c for c in walk_components(components) if c.get("type") == "table"]
     finished = next(task for task in run["train"] if hasattr(task.data, "evaluation"))  # not the failed point
     instructions = len(finished.data.evaluation[-1]["answers"])
-    assert len(tables) == 1 + instructions
+    assert instructions == len(INSTRUCTIONS) and len(tables) == 1 + instructions
     assert all(len(t["data"]) == 2 for t in tables[1:])  # every instruction: one answer per finished point
 
     # The best point's model answers through the run's pathspec.
@@ -121,8 +131,11 @@ def test_bad_grids_and_points_stop_in_start_naming_the_point(tiny_config, flow_h
     assert "point 1 (learning_rate=0.0001 batch_size=4 epoch=1): --learning-rate" not in output
     output = start("--grid", "learning_rate=1e-4,2e-4,3e-4 epochs=1,2,3")
     assert "The grid has 9 points, more than config sweep.max_points (8)" in output
-    output = start("--grid", "epochs")
+    # A grid that cannot be read stops start with the other problems found so far.
+    output = start("--grid", "epochs", "--select", "ended_share", "--eval-instructions", "none")
     assert "--grid: 'epochs' is not key=value[,value...]" in output
+    # No point would have answers to compare: refused before any point trains.
+    assert "--select ended_share: compares the evaluation answers, which --eval-instructions none turns off" in output
 
 
 @needs_chromium
@@ -140,6 +153,11 @@ def test_comparison_card_renders_in_a_real_browser(sweep_run, tmp_path):
     assert "learning_rate=0.001" in dom.stdout and "learning_rate=1e-05" in dom.stdout
     console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
     assert console_errors == []
+    # The instruction with a script heads its answers' column as text; the script did not run.
+    assert re.search(r"<title>[^<]*pwned", dom.stdout) is None, "the instruction's script ran"
+    shown = re.sub(r"<script\b.*?</script>", "", dom.stdout, flags=re.S)  # the card's own code names <img
+    assert len(re.findall("<img", shown)) == 1  # the chart
+    assert "2. Say hi. &lt;img src=x onerror=" in shown
     shot = subprocess.run([*flags, f"--screenshot={screenshot}", html.as_uri()], capture_output=True, text=True,
                           timeout=120)
     assert shot.returncode == 0 and screenshot.stat().st_size > 20_000  # a blank page is a few KB
