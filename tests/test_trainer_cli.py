@@ -157,14 +157,15 @@ def test_deepspeed_zero3_saves_a_full_model(tiny_model_dir, small_dataset_dir, t
     assert [name for name in compared if base[name].equal(saved[name])] == []
 
 
+@pytest.mark.parametrize("peft", ["none", "lora"])
 def test_deepspeed_resumes_from_a_local_checkpoint_and_refuses_one_with_a_pickle_payload(
-        tiny_model_dir, small_dataset_dir, tmp_path):
+        tiny_model_dir, small_dataset_dir, tmp_path, peft):
     """`--resume_from <a checkpoint folder>` under DeepSpeed ZeRO-2 continues at the step it saved,
-    with every load weights_only (DeepSpeed's own asks for weights_only=False). The same folder
-    with a crafted mp_rank_00_model_states.pt is refused, the file named, before the model loads;
-    the payload never runs."""
+    with every load weights_only (DeepSpeed's own asks for weights_only=False), for a full model
+    and a LoRA adapter. The same folder with a crafted mp_rank_00_model_states.pt is refused, the
+    file named, before the model loads; the payload never runs."""
     from tests.unit.test_safe_loading import write_payload
-    from training.safe_loading import unsafe_pickles
+    from training.safe_loading import TRAINING_ARGS, unsafe_pickles
 
     launcher = Path(sys.executable).parent / "deepspeed"
 
@@ -174,7 +175,7 @@ def test_deepspeed_resumes_from_a_local_checkpoint_and_refuses_one_with_a_pickle
             "--deepspeed", "ds_configs/zero2.json", "--base_model", str(tiny_model_dir),
             "--dataset", str(small_dataset_dir), "--output_dir", str(tmp_path / output),
             "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_instructions", "none",
-            "--cache_dir", str(tmp_path / "cache"), *args,
+            "--cache_dir", str(tmp_path / "cache"), "--peft", peft, "--learning_rate", "1e-3", *args,
         ])
 
     first = deepspeed("first", "--max_steps", "2", "--save_steps", "2")
@@ -187,7 +188,8 @@ def test_deepspeed_resumes_from_a_local_checkpoint_and_refuses_one_with_a_pickle
     assert [int(s) for s in re.findall(r"\[trainer\] step (\d+)/4 loss=", resumed.stdout)] == [3, 4]
     metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
     assert (metrics["resumed_from_step"], metrics["global_step"]) == (2, 4)
-    assert not (tmp_path / "second" / "training_args.bin").exists()  # a pickle: never part of the model
+    # A pickle: never part of the model (merged LoRA: of its adapter/ either); checkpoints keep theirs.
+    assert [p for p in (tmp_path / "second").rglob(TRAINING_ARGS) if "checkpoints" not in p.parts] == []
 
     crafted = tmp_path / "crafted" / "checkpoint-2"
     shutil.copytree(checkpoint, crafted)

@@ -386,11 +386,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         try:
             result = trainer.train(resume_from_checkpoint=resume_path)
         except pickle.UnpicklingError as err:
-            reason = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+            # torch's message spans a dozen lines; what it refused is "GLOBAL <module.name>", or
+            # else its last line before the pointer to its documentation.
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith("Check the doc")]
+            reason = f"it references {found.group(1)}" if found else lines[-1]
             raise SystemExit(
-                f"Cannot resume: a file in {resume_path} changed after it was checked and holds a pickle "
-                f"that weights_only loading refuses ({reason.group(1) if reason else err}): it was not written "
-                "by this trainer. Delete the checkpoint or resume from another one."
+                f"Cannot resume: a file in {resume_path} changed after it was checked and holds a pickle that "
+                f"weights_only loading refuses ({reason}): it was not written by this trainer. Delete the "
+                "checkpoint or resume from another one."
             ) from None
     if preemption.requested:
         step = trainer.state.global_step
