@@ -3,8 +3,9 @@ field a user or a data set controls, puts it into table cells or into code spans
 
 Metaflow 2.19 renders a ``Markdown`` component's source as raw HTML (marked, no sanitizer), so the
 check reads each Markdown source as marked would: what is left outside code blocks and code spans
-must hold no tag, link or image. ``test_comparison_card_renders_in_a_real_browser`` and
-``test_everything_optional_off_ends_green_and_the_end_card_is_inert`` show the same in Chromium.
+must hold no tag, link or image. In headless Chromium: tests/test_sweep_flow.py
+(``test_comparison_card_renders_in_a_real_browser``) and tests/test_optional_outputs_off.py
+(``test_end_card_shows_a_hostile_data_set_name_as_text_in_a_browser``).
 """
 
 from __future__ import annotations
