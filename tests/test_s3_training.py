@@ -259,7 +259,8 @@ def test_two_nodes_upload_their_parts_and_resume_from_them(tiny_model_dir, small
     common = ["--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir), "--s3_uri", uri,
               "--save_steps", "2", "--learning_rate", "1e-3"]
     train_two_nodes([*common, "--max_steps", "4"], s3_env, tmp_path, "first")
-    assert S3CheckpointStore(f"{uri}/checkpoints").names() == ["checkpoint-2", "checkpoint-4"]
+    # Listed as a two-node run sees them (a one-node store skips checkpoints of two nodes).
+    assert S3CheckpointStore(f"{uri}/checkpoints", nodes=2).names() == ["checkpoint-2", "checkpoint-4"]
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
         Bucket=s3_bucket_name, Prefix="two-nodes/checkpoints/checkpoint-4/")["Contents"]]
     shards = [k.removeprefix("two-nodes/checkpoints/checkpoint-4/") for k in keys if "optim_states" in k]
