@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.adapters import is_adapter_dir
+
 
 @dataclass
 class LocalModelStore:
@@ -30,9 +32,10 @@ class LocalModelStore:
         return path
 
     def publish(self, workdir: Path) -> str:
-        """The location of the published model; local: the directory itself."""
-        if not (workdir / "config.json").is_file():
-            raise FileNotFoundError(f"No model was saved in {workdir} (config.json missing).")
+        """The location of the published model; local: the directory itself (a model, or under
+        LoRA without merge the adapter alone)."""
+        if not ((workdir / "config.json").is_file() or is_adapter_dir(workdir)):
+            raise FileNotFoundError(f"No model was saved in {workdir} (no config.json or adapter_config.json).")
         return str(workdir)
 
 
