@@ -142,7 +142,9 @@ def eval_loss_figure(rows: list[dict[str, Any]]) -> Figure:
     for row in rows:
         if row["eval_loss_history"]:
             steps, losses = zip(*row["eval_loss_history"], strict=True)
-            ax.plot(steps, losses, marker="o", label=f"{row['point'] + 1}: {row['name']}")
+            # A point's name holds grid values (paths, names): a pair of '$' would be mathtext.
+            name = row["name"].replace("$", r"\$")
+            ax.plot(steps, losses, marker="o", label=f"{row['point'] + 1}: {name}")
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss")
     ax.legend(loc="upper right", fontsize="small")

@@ -156,3 +156,14 @@ def test_training_card_and_its_preflight():
     assert live_markup(components) == []
     findings = [c for c in rendered(components) if c["type"] == "table"][0]
     assert findings["data"] == [["error", "gpu-count", HOSTILE]]
+
+
+def test_comparison_chart_draws_a_point_name_holding_dollar_signs_as_text():
+    import io
+
+    from comparison_card import eval_loss_figure
+
+    name = r"chat_template=/tmp/$\undefinedcommand{$.jinja"  # mathtext would refuse to parse it
+    figure = eval_loss_figure([{"point": 0, "name": name, "eval_loss_history": [[0, 6.0], [2, 5.0]]}])
+    figure.savefig(io.BytesIO(), format="png")  # the legend is laid out and drawn here
+    assert figure.axes[0].get_legend().get_texts()[0].get_text() == "1: " + name.replace("$", r"\$")
