@@ -140,7 +140,8 @@ def test_s3_without_credentials_stops_before_the_data_loads(tiny_model_dir, smal
 def test_a_checkpoint_in_s3_with_a_pickle_payload_is_refused_before_the_model_loads(
         tiny_model_dir, small_dataset_dir, s3_env, s3_bucket_name, tmp_path):
     """Its manifest verifies (whoever wrote the bucket wrote it too): the pickle is refused all the
-    same, named, with where it came from and what to do; the payload never runs."""
+    same, by its S3 URL, with what to do; the payload never runs. (``latest`` skips such a
+    checkpoint for the one before it: tests/unit/test_storage_attacks.py.)"""
     from tests.unit.test_safe_loading import write_payload
 
     uri = f"s3://{s3_bucket_name}/crafted"
@@ -152,17 +153,16 @@ def test_a_checkpoint_in_s3_with_a_pickle_payload_is_refused_before_the_model_lo
 
     result = subprocess.run(
         [sys.executable, "-m", "training.trainer", "--base_model", str(tiny_model_dir), "--dataset",
-         str(small_dataset_dir), "--s3_uri", uri, "--resume_from", "latest", "--max_steps", "6",
-         "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")],
+         str(small_dataset_dir), "--s3_uri", uri, "--resume_from", f"{uri}/checkpoints/checkpoint-4",
+         "--max_steps", "6", "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")],
         cwd=REPO, env=python_env(**s3_env), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    downloaded = tmp_path / "out" / "resume" / "checkpoint-4" / "rng_state.pth"
-    assert ("Cannot resume (downloaded from the checkpoint-4 that --resume_from latest picked: delete it in S3 "
-            "or pass an older one, --resume_from s3://.../checkpoint-N):\n"
-            f"  {downloaded} holds a pickle that references posix.system") in result.stderr
+    assert (f"{uri}/checkpoints/checkpoint-4/rng_state.pth holds a pickle that references posix.system, "
+            "which a checkpoint never needs") in result.stderr
     assert "[trainer] model " not in result.stdout
     assert not marker.exists()
+    assert not (tmp_path / "out" / "resume" / "checkpoint-4").exists()
 
 
 def test_a_failed_final_upload_says_training_finished_and_where_the_model_is(

@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from training.safe_loading import unsafe_pickles
+
 MANIFEST = "manifest.json"
 NODE_FOLDER = "node-{node}"  # where node k > 0 of a multi-node run puts its part of a checkpoint
 # The Trainer's copy of the weights, which every node writes (save_on_each_node) and node 0's part
@@ -86,7 +88,9 @@ def build_manifest(directory: Path, exclude: tuple[str, ...] = (), hashes: bool 
     from fnmatch import fnmatch
 
     files = []
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+    # Symlinks are left out: an upload never carries what a link outside the folder points at.
+    for path in sorted(p for p in directory.rglob("*")
+                       if p.is_file() and not p.is_symlink() and p.name != MANIFEST):
         if any(fnmatch(path.relative_to(directory).parts[0], pattern) for pattern in exclude):
             continue
         files.append({"path": path.relative_to(directory).as_posix(), "size": path.stat().st_size,
@@ -410,6 +414,13 @@ class S3CheckpointStore:
                         f"{self.uri}/{name} is corrupted: " + "; ".join(problems) + ". Its files in S3 are not "
                         "the bytes that were uploaded: upload it again, or use another checkpoint or model."
                     )
+                # Verified bytes prove integrity, not authorship (the manifest sits in the same
+                # bucket): a checkpoint whose pickles reference anything a checkpoint never needs
+                # is refused here, so that resume falls back to the one before it.
+                if CHECKPOINT_NAME.match(name) and (refused := unsafe_pickles(target / partial)):
+                    # Named by their S3 URLs: the partial folder is gone once this is read.
+                    raise CheckpointStoreError(" ".join(
+                        line.replace(str(target / partial), f"{self.uri}/{name}") for line in refused))
                 fd = _open_under(partial_fd, MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                 with os.fdopen(fd, "w") as handle:
                     handle.write(json.dumps(manifest, indent=1))

@@ -91,9 +91,14 @@ def load_for_generation(model_dir: str, trust_remote_code: bool = False) -> tupl
         target = default_cache_dir() / "s3-models" / re.sub(r"[^A-Za-z0-9_-]", "_", parent[len("s3://"):])
         model_dir = str(S3CheckpointStore(parent).download(name, target))
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from training.adapters import (
+        is_adapter_dir,
+        load_adapter_model,
+        quiet_missing_cpu_kernel_warning,
+    )
 
-    from training.adapters import is_adapter_dir, load_adapter_model
+    quiet_missing_cpu_kernel_warning()  # before peft (an adapter directory) imports bitsandbytes
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if is_adapter_dir(model_dir):  # a LoRA run saved with --merge_adapter false
         model, tokenizer = load_adapter_model(model_dir, trust_remote_code=trust_remote_code)

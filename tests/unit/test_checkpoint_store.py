@@ -17,12 +17,24 @@ from training.checkpoint_store import (
 )
 
 
+def shard_bytes(tag: bytes) -> bytes:
+    """A torch.save archive, as DeepSpeed writes its shards: a download scans every .pt it gets
+    (training.safe_loading) and refuses anything else."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"shard": tag}, buffer)
+    return buffer.getvalue()
+
+
 def make_checkpoint(root, name, payload: bytes = b"weights"):
     directory = root / name
     (directory / "global_step1").mkdir(parents=True)
     (directory / "model.safetensors").write_bytes(payload * 1000)
     (directory / "trainer_state.json").write_text(json.dumps({"global_step": int(name.split("-")[1])}))
-    (directory / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"shard" * 100)
+    (directory / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(shard_bytes(b"shard" * 100))
     return directory
 
 
@@ -48,7 +60,7 @@ def test_upload_then_download_verifies_and_lists_in_step_order(tmp_path, s3_buck
     local = store.download_latest_valid(tmp_path / "restore")
     assert local.name == "checkpoint-30"
     assert json.loads((local / "trainer_state.json").read_text())["global_step"] == 30
-    assert (local / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes() == b"shard" * 100
+    assert (local / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes() == shard_bytes(b"shard" * 100)
 
 
 def test_missing_manifest_and_corrupted_file_are_skipped(tmp_path, s3_bucket_name, capsys):
@@ -105,8 +117,8 @@ def node_part(root, name, rank: int):
     directory = root / name
     (directory / "global_step1").mkdir(parents=True)
     (directory / "trainer_state.json").write_text(json.dumps({"node": rank}))
-    (directory / "global_step1" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"s%d" % rank * 50)
-    (directory / f"rng_state_{rank}.pth").write_bytes(b"rng")
+    (directory / "global_step1" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(shard_bytes(b"s%d" % rank * 50))
+    (directory / f"rng_state_{rank}.pth").write_bytes(shard_bytes(b"rng"))
     (directory / "model.safetensors").write_bytes(b"same weights, written again by node %d" % rank)
     return directory
 
@@ -125,7 +137,7 @@ def test_a_multi_node_checkpoint_is_complete_with_every_nodes_part(tmp_path, s3_
     # Node 1 gets node 0's files with its own over them; node 0 gets node 0's alone.
     mine = node1.download_latest_valid(tmp_path / "restore1")
     assert json.loads((mine / "trainer_state.json").read_text()) == {"node": 1}
-    assert (mine / "global_step1" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").read_bytes() == b"s1" * 50
+    assert (mine / "global_step1" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").read_bytes() == shard_bytes(b"s1" * 50)
     assert (mine / "rng_state_1.pth").is_file()
     # Node 1 did not upload its copy of the weights: node 0's serves every node.
     assert (mine / "model.safetensors").read_bytes() == b"weights" * 1000
@@ -137,7 +149,7 @@ def test_a_multi_node_checkpoint_is_complete_with_every_nodes_part(tmp_path, s3_
     # Node 1's part corrupted: node 1 rejects the checkpoint, naming the file.
     boto3.client("s3").put_object(Bucket=s3_bucket_name, Body=b"x",
                                   Key="mn/checkpoints/checkpoint-2/node-1/rng_state_1.pth")
-    with pytest.raises(CheckpointStoreError, match="rng_state_1.pth: 1 bytes, manifest says 3"):
+    with pytest.raises(CheckpointStoreError, match=f"rng_state_1.pth: 1 bytes, manifest says {len(shard_bytes(b'rng'))}"):
         node1.download("checkpoint-2", tmp_path / "restore1")
     # Shards belong to ranks: a different node count cannot use them.
     with pytest.raises(CheckpointStoreError, match="written by 2 node.s. and this run has 1"):

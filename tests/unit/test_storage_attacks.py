@@ -313,3 +313,23 @@ def test_verification_does_not_follow_symlinks(tmp_path):
     (directory / "model.safetensors").symlink_to(real)
     assert verify_directory(directory, manifest) == [
         "model.safetensors: not a regular file inside the folder (Too many levels of symbolic links)"]
+
+
+def test_a_newest_checkpoint_with_a_pickle_payload_is_skipped_for_the_one_before(tmp_path, s3_bucket_name, capsys):
+    """Its manifest verifies (the manifest sits in the same bucket): the pickle is refused all the
+    same while downloading, named by its S3 URL, and `latest` resumes from checkpoint-1."""
+    from tests.unit.test_safe_loading import write_payload
+    from training.s3_uploads import resolve_resume
+
+    store, uri = two_checkpoints(tmp_path, s3_bucket_name)
+    crafted = make_checkpoint(tmp_path / "crafted", "checkpoint-2")
+    marker = tmp_path / "payload-ran"
+    write_payload(crafted / "global_step2" / "mp_rank_00_model_states.pt", marker)
+    store.upload(crafted)  # a complete upload, manifest last, hashes matching
+    assert resolve_resume(uri, "", tmp_path / "resume").name == "checkpoint-1"
+    assert (f"skipping checkpoint-2: {uri}/checkpoint-2/global_step2/mp_rank_00_model_states.pt holds a pickle "
+            "that references posix.system") in capsys.readouterr().err
+    with pytest.raises(CheckpointStoreError, match="it was not written by this trainer"):
+        store.download("checkpoint-2", tmp_path / "resume")
+    assert not (tmp_path / "resume" / "checkpoint-2").exists()
+    assert not marker.exists()
