@@ -503,8 +503,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             run_store = S3CheckpointStore(train_args.s3_uri)
             try:
                 model_manifest = publish_model(output_dir, published_files(output_dir, merged_adapter=merged), run_store)
-                if (output_dir / "logs").is_dir():  # TensorBoard: tensorboard --logdir s3://.../logs
-                    run_store.upload(output_dir / "logs", name="logs")
+                if events := tensorboard_files(output_dir):  # tensorboard --logdir s3://.../logs
+                    publish_model(output_dir, events, run_store, name="logs", folder="logs")
                 kept = set(S3CheckpointStore(f"{run_store.uri}/checkpoints").names())
             except CheckpointStoreError as err:
                 not_uploaded.append(f"the model ({metrics['model_location']}): {err}")
@@ -544,22 +544,32 @@ def published_files(output_dir: Path, *, merged_adapter: bool) -> list[Path]:
             if not path.is_symlink() and path.is_file() and any(fnmatch(path.name, p) for p in PUBLISHED)]
 
 
-def publish_model(output_dir: Path, files: list[Path], store: S3CheckpointStore) -> dict[str, Any]:
-    """Upload ``files`` of ``output_dir`` (published_files) as ``<store uri>/model``; returns the
-    manifest. The store uploads whole folders: the files are hard-linked into a staging folder
-    that holds nothing else, and that folder is uploaded."""
-    staged = output_dir / STAGING / "model"
+def publish_model(output_dir: Path, files: list[Path], store: S3CheckpointStore, *, name: str = "model",
+                  folder: str = "") -> dict[str, Any]:
+    """Upload ``files`` of ``output_dir / folder`` (published_files, tensorboard_files) as
+    ``<store uri>/<name>``; returns the manifest. The store uploads whole folders: the files are
+    hard-linked into a staging folder that holds nothing else, and that folder is uploaded."""
+    source = output_dir / folder
+    staged = output_dir / STAGING / name
     shutil.rmtree(staged, ignore_errors=True)
     try:
         for relative in files:
             (staged / relative).parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(output_dir / relative, staged / relative)
+                os.link(source / relative, staged / relative)
             except OSError:  # a file system without hard links: a copy, for the upload's duration
-                shutil.copy2(output_dir / relative, staged / relative)
-        return store.upload(staged, name="model")
+                shutil.copy2(source / relative, staged / relative)
+        return store.upload(staged, name=name)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def tensorboard_files(output_dir: Path) -> list[Path]:
+    """TensorBoard's event files under ``output_dir/logs`` (relative to it), regular files only:
+    with ``--output_dir .`` a user's own ``logs/`` folder is not uploaded with them."""
+    logs = output_dir / "logs"
+    return sorted(path.relative_to(logs) for path in logs.rglob("events.out.tfevents.*")
+                  if path.is_file() and not path.is_symlink()) if logs.is_dir() else []
 
 
 def _s3_access_problems(train_args: TrainArguments) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training.trainer import STAGING, publish_model, published_files
+from training.trainer import STAGING, publish_model, published_files, tensorboard_files
 
 MODEL_FILES = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json", "chat_template.jinja", "metrics.json"]
@@ -75,3 +75,23 @@ def test_the_upload_holds_the_published_files_alone(output_dir, s3_bucket_name):
     assert sorted(f["path"] for f in manifest["files"]) == sorted(map(str, files))
     assert not (output_dir / STAGING / "model").exists()  # the staged links are gone
     assert (output_dir / "model.safetensors").read_text() == "model.safetensors"  # the model stays
+
+
+def test_only_tensorboard_event_files_of_logs_are_published(output_dir, tmp_path, s3_bucket_name):
+    """`--output_dir .` in a project that has a logs/ folder of its own: its files stay home."""
+    import boto3
+
+    from training.checkpoint_store import S3CheckpointStore
+
+    events = output_dir / "logs" / "Dec02_09-00-00" / "events.out.tfevents.1764666000.host.1.0"
+    events.parent.mkdir(parents=True)
+    events.write_bytes(b"tensorboard")
+    (output_dir / "logs" / "app.log").write_text("the user's own log")
+    (output_dir / "logs" / "events.out.tfevents.link").symlink_to(tmp_path / "secret.txt")
+
+    files = tensorboard_files(output_dir)
+    assert files == [Path("Dec02_09-00-00/events.out.tfevents.1764666000.host.1.0")]
+    publish_model(output_dir, files, S3CheckpointStore(f"s3://{s3_bucket_name}/run"), name="logs", folder="logs")
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket_name, Prefix="run/")["Contents"]]
+    assert sorted(keys) == ["run/logs/Dec02_09-00-00/events.out.tfevents.1764666000.host.1.0", "run/logs/manifest.json"]
+    assert tensorboard_files(output_dir / "nowhere") == []
