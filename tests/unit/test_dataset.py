@@ -196,20 +196,6 @@ def test_split_and_sample_are_deterministic_and_disjoint():
         sample_and_split(data, sample_fraction=1.0, test_size=10_000, seed=1)
 
 
-@pytest.fixture
-def s3_bucket(monkeypatch):
-    """A boto3 S3 client on moto's in-process S3, with an empty bucket named "data"."""
-    boto3 = pytest.importorskip("boto3")
-    moto = pytest.importorskip("moto")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with moto.mock_aws():
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="data")
-        yield client
-
-
 def test_s3_file_and_prefix_are_downloaded_and_read(tmp_path, s3_bucket):
     s3_bucket.put_object(Bucket="data", Key="dolly/train.jsonl", Body="\n".join([json.dumps(GOOD)] * 4))
     s3_bucket.put_object(Bucket="data", Key="dolly/eval.jsonl", Body=json.dumps(GOOD))

@@ -26,32 +26,18 @@ DEEP = "[" * 100_000 + "]" * 100_000
 # --- S3 data sets -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A boto3 S3 client on moto's in-process S3, with an empty bucket named "data"."""
-    boto3 = pytest.importorskip("boto3")
-    moto = pytest.importorskip("moto")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with moto.mock_aws():
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="data")
-        yield client
-
-
 def jsonl(rows: list[dict]) -> str:
     return "\n".join(json.dumps(row) for row in rows)
 
 
 @pytest.mark.parametrize("escape", ["relative", "absolute"])
-def test_s3_key_that_would_escape_the_cache_is_refused(tmp_path, s3, escape):
+def test_s3_key_that_would_escape_the_cache_is_refused(tmp_path, s3_bucket, escape):
     cache = tmp_path / "cache"
-    s3.put_object(Bucket="data", Key="data/train.jsonl", Body=jsonl([GOOD] * 3))
+    s3_bucket.put_object(Bucket="data", Key="data/train.jsonl", Body=jsonl([GOOD] * 3))
     # Below the prefix "data/", "../../escape.jsonl": cache/s3/<folder>/../../escape.jsonl is
     # cache/escape.jsonl; "/<tmp_path>/escape.jsonl": an absolute path, which pathlib's join keeps.
     key = "data/../../escape.jsonl" if escape == "relative" else f"data/{tmp_path}/escape.jsonl"
-    s3.put_object(Bucket="data", Key=key, Body=jsonl([GOOD]))
+    s3_bucket.put_object(Bucket="data", Key=key, Body=jsonl([GOOD]))
     with pytest.raises(DatasetError, match=rf"holds the object '{key}', whose name would be written outside.*"
                                            "Rename or remove that object"):
         load_instruction_data("s3://data/data/", cache_dir=cache)
@@ -59,15 +45,15 @@ def test_s3_key_that_would_escape_the_cache_is_refused(tmp_path, s3, escape):
     assert not list(cache.rglob("*.jsonl"))  # nothing of the refused listing was downloaded
 
 
-def test_s3_data_set_is_read_again_when_its_objects_change(tmp_path, s3):
-    s3.put_object(Bucket="data", Key="dolly/train.jsonl", Body=jsonl([GOOD] * 4))
-    s3.put_object(Bucket="data", Key="dolly/train-extra.jsonl", Body=jsonl([GOOD] * 2))
+def test_s3_data_set_is_read_again_when_its_objects_change(tmp_path, s3_bucket):
+    s3_bucket.put_object(Bucket="data", Key="dolly/train.jsonl", Body=jsonl([GOOD] * 4))
+    s3_bucket.put_object(Bucket="data", Key="dolly/train-extra.jsonl", Body=jsonl([GOOD] * 2))
     assert len(load_instruction_data("s3://data/dolly/", cache_dir=tmp_path).train) == 6
 
     # A changed object is read again, and a removed one is no longer read.
     changed = {**GOOD, "response": "Green."}
-    s3.put_object(Bucket="data", Key="dolly/train.jsonl", Body=jsonl([changed] * 5))
-    s3.delete_object(Bucket="data", Key="dolly/train-extra.jsonl")
+    s3_bucket.put_object(Bucket="data", Key="dolly/train.jsonl", Body=jsonl([changed] * 5))
+    s3_bucket.delete_object(Bucket="data", Key="dolly/train-extra.jsonl")
     again = load_instruction_data("s3://data/dolly/", cache_dir=tmp_path)
     assert [row["response"] for row in again.train] == ["Green."] * 5
 
@@ -77,9 +63,9 @@ def test_s3_data_set_is_read_again_when_its_objects_change(tmp_path, s3):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s3").rglob("*.jsonl")} == downloaded
 
     # One file by its URL too.
-    s3.put_object(Bucket="data", Key="dolly/train.jsonl", Body=jsonl([GOOD] * 7))
+    s3_bucket.put_object(Bucket="data", Key="dolly/train.jsonl", Body=jsonl([GOOD] * 7))
     assert len(load_instruction_data("s3://data/dolly/train.jsonl", cache_dir=tmp_path).train) == 7
-    s3.put_object(Bucket="data", Key="dolly/train.jsonl", Body=jsonl([GOOD] * 2))
+    s3_bucket.put_object(Bucket="data", Key="dolly/train.jsonl", Body=jsonl([GOOD] * 2))
     assert len(load_instruction_data("s3://data/dolly/train.jsonl", cache_dir=tmp_path).train) == 2
     # Downloads land in a temporary folder first: none is left behind.
     assert not list((tmp_path / "s3").glob(".download-*"))
