@@ -25,6 +25,7 @@ import contextlib
 import importlib
 import os
 import pickle
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ NUMPY_RNG_STATE = (
     # rng_state*.pth: numpy's Mersenne Twister state, an array of uint32 (the Trainer's own
     # transformers.trainer_pt_utils.safe_globals allows the same four).
     "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray._reconstruct",  # the same function, as numpy 1.x names it
     "numpy.ndarray",
     "numpy.dtype",
     "numpy.dtypes.UInt32DType",  # what numpy.dtype("uint32") builds: not in the opcodes, but loaded
@@ -89,9 +91,16 @@ def unsafe_pickles(checkpoint: Path) -> list[str]:
     return problems
 
 
-def _resolve(name: str) -> tuple[object, str]:
+def _resolve(name: str) -> tuple[object, str] | None:
+    """(the object, the name a pickle calls it), or None where this numpy lacks it (numpy 1.x has
+    no ``numpy._core``; numpy 2 keeps ``numpy.core`` as a deprecated alias)."""
     module, _, attribute = name.rpartition(".")
-    return getattr(importlib.import_module(module), attribute), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return getattr(importlib.import_module(module), attribute), name
+        except (ImportError, AttributeError):
+            return None
 
 
 @contextlib.contextmanager
@@ -108,7 +117,8 @@ def weights_only_loads(*, deepspeed: bool) -> Iterator[None]:
     """
     import torch
 
-    allowed = [_resolve(name) for name in NUMPY_RNG_STATE + (DEEPSPEED_OPTIMIZER_STATE if deepspeed else ())]
+    names = NUMPY_RNG_STATE + (DEEPSPEED_OPTIMIZER_STATE if deepspeed else ())
+    allowed = [found for found in map(_resolve, names) if found is not None]
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
