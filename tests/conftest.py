@@ -32,6 +32,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 if not (os.environ.get("USERNAME") or os.environ.get("USER")):
     os.environ["USERNAME"] = "tester"
 
+# The tiers: tests/unit/ and tests/gpu_profile/ test pure logic in-process (about a minute and a
+# half on 2 cores: `pytest -m "not e2e"`); the files at tests/ top level and tests/gpu/ run the
+# flows, the trainer or other commands end to end, as users do.
+UNIT_FOLDERS = (REPO / "tests" / "unit", REPO / "tests" / "gpu_profile")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(folder in item.path.parents for folder in UNIT_FOLDERS):
+            item.add_marker(pytest.mark.e2e)
+
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
