@@ -192,6 +192,26 @@ def _step_of(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+def _dead_partials(target: Path, name: str) -> list[str]:
+    """The ``.<name>.partial-<pid>`` folders in ``target`` whose process is gone (a download that
+    was killed), this process's own included; a live process's download is left alone."""
+    found = []
+    for entry in os.listdir(target):
+        prefix, _, pid = entry.rpartition("-")
+        if prefix != f".{name}.partial" or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive: another process is downloading this name
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, another user's
+        found.append(entry)
+    return found
+
+
 def _warn(message: str) -> None:
     print(f"[checkpoints] {message}", file=sys.stderr, flush=True)
 
@@ -402,8 +422,9 @@ class S3CheckpointStore:
         target_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         partial = f".{name}.partial-{os.getpid()}"
         try:
-            with contextlib.suppress(FileNotFoundError):  # what a killed download of this process id left
-                shutil.rmtree(partial, dir_fd=target_fd)
+            for left in _dead_partials(target, name):  # what killed downloads of this name left
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(left, dir_fd=target_fd)
             os.mkdir(partial, 0o755, dir_fd=target_fd)
             partial_fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=target_fd)
             try:

@@ -333,3 +333,24 @@ def test_a_newest_checkpoint_with_a_pickle_payload_is_skipped_for_the_one_before
         store.download("checkpoint-2", tmp_path / "resume")
     assert not (tmp_path / "resume" / "checkpoint-2").exists()
     assert not marker.exists()
+
+
+def test_partial_folders_of_killed_downloads_are_removed_and_a_live_ones_kept(tmp_path, s3_bucket_name):
+    import os
+    import subprocess
+
+    store, _ = two_checkpoints(tmp_path, s3_bucket_name)
+    target = tmp_path / "resume"
+    dead = subprocess.Popen(["true"])  # a process id that has ended
+    dead.wait()
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        for pid in (dead.pid, live.pid, os.getpid()):
+            (target / f".checkpoint-2.partial-{pid}" / "global_step1").mkdir(parents=True)
+        (target / ".checkpoint-1.partial-1").mkdir()  # another name's: not this download's business
+        store.download("checkpoint-2", target)
+        left = sorted(p.name for p in target.iterdir())
+    finally:
+        live.kill()
+        live.wait()
+    assert left == sorted([".checkpoint-1.partial-1", f".checkpoint-2.partial-{live.pid}", "checkpoint-2"])
