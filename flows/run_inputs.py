@@ -80,6 +80,7 @@ class InputChecker:
         self.flow = flow
         self._data: dict[tuple, Any] = {}
         self._models: dict[str, Any] = {}
+        self._positions: dict[tuple[str, bool], int | None] = {}
 
     def check(self, point: dict[str, Any], *, already_wrong: bool = False) -> tuple[list[str], CheckedRun]:
         """(problems in the flow's terms, the checked run). ``already_wrong``: problems outside
@@ -111,7 +112,7 @@ class InputChecker:
             else:
                 model_resolved = True
                 problems += peft_problems(model_args, resolved_model)
-                problems += max_seq_length_problems(model_args, data_args, resolved_model)
+                problems += self._max_seq_length_problems(model_args, data_args, resolved_model)
                 if data_args.prompt_format == "chat" and not check_chat_template_setting(
                         data_args.prompt_format, data_args.chat_template):
                     rows = data.train + data.eval if data is not None else []
@@ -146,6 +147,22 @@ class InputChecker:
             except DatasetError as err:
                 self._data[key] = (None, str(err))
         return self._data[key]
+
+    def _max_seq_length_problems(self, model_args: Any, data_args: Any, model_path: str) -> list[str]:
+        """--max_seq_length against the model's positions, read as the trainer reads them (from
+        the tokenizer ``load_tokenizer`` sets up); the tokenizer is loaded once per model, not
+        once per sweep point."""
+        from training.arguments import max_seq_length_problem
+        from training.base_model import load_tokenizer, max_positions
+
+        key = (model_path, model_args.trust_remote_code)
+        if key not in self._positions:
+            try:
+                self._positions[key] = max_positions(load_tokenizer(model_path, trust_remote_code=key[1]))
+            except OSError:  # a hub model on a laptop without hub access: the trainer checks before loading it
+                self._positions[key] = None
+        problem = max_seq_length_problem(data_args.max_seq_length, self._positions[key], model_args.base_model)
+        return [problem] if problem else []
 
     def _resolve_model(self, name: str) -> tuple[str, str | None]:
         from training.base_model import BaseModelError, resolve_base_model
@@ -206,21 +223,6 @@ def run_wide_problems(flow: Any, flow_name: str, run_id: str) -> list[str]:
         except EvalInstructionsError as err:
             problems.append(in_flow_terms(str(err)))  # it names the trainer's --eval_instructions
     return problems
-
-
-def max_seq_length_problems(model_args: Any, data_args: Any, model_path: str) -> list[str]:
-    """--max_seq_length against the model's positions, read as the trainer reads them: from the
-    tokenizer ``load_tokenizer`` sets up (the config's max_position_embeddings, else the
-    tokenizer's model_max_length)."""
-    from training.arguments import max_seq_length_problem
-    from training.base_model import load_tokenizer, max_positions
-
-    try:
-        tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
-    except OSError:  # a hub model on a laptop without hub access: the trainer checks before loading it
-        return []
-    problem = max_seq_length_problem(data_args.max_seq_length, max_positions(tokenizer), model_args.base_model)
-    return [problem] if problem else []
 
 
 def chat_template_problems(model_args: Any, data_args: Any, model_path: str, rows: list) -> list[str]:
