@@ -2,6 +2,7 @@
 
     python benchmarks/startup_and_flow_overhead.py            # tiny model, SmolLM2, the flow (~1.5 min on 2 idle cores)
     python benchmarks/startup_and_flow_overhead.py --quick    # tiny model and the flow only (~1 min)
+    python benchmarks/startup_and_flow_overhead.py --quick --before 669db25   # that revision's flow beside today's
 
 (a) Start-up. Launches the trainer as ``python -m training.trainer ... --max_steps 1
 --logging_steps 1`` does (through runpy, after a line that timestamps the end of the imports),
@@ -29,9 +30,12 @@ same command with that cache filled. The OS file cache is warm in both.
 (b) Flow overhead. Runs ``python flows/dolly_flow.py --config config tiny.json run`` (the tests'
 tiny config: the 2-layer random Llama, 48 train / 16 eval rows, 4 steps, ZeRO-2 on one CPU rank)
 in a fresh directory with its own local datastore, timestamps the lines Metaflow relays, and
-subtracts the trainer subprocess's wall time: from the train task's ``Launching:`` line to the
-DeepSpeed launcher's "exits successfully" line (both printed around the subprocess). metrics.json's
-``total_runtime_s`` (train() from after its imports to metrics written) is shown beside it.
+subtracts the trainer subprocess's wall time: from the train task's ``Launching:`` line to its
+"The trainer exited with code 0" line (both printed around the subprocess). metrics.json's
+``total_runtime_s`` (train() from after its imports to metrics written) is shown beside it. The
+bare ``import torch, transformers, metaflow`` is timed in the same run: the flow's wall time over it
+is the figure to compare across machines. ``--before REV`` runs that revision's flow too (a git
+worktree, this venv) and prints both side by side.
 """
 
 from __future__ import annotations
@@ -163,27 +167,30 @@ def fresh_cache(work: Path, name: str, link_models_from: Path | None = None) -> 
     return cache
 
 
-def flow_overhead(work: Path, model: Path, data: Path, log: str = "") -> None:
-    """Wall time of the tiny flow run, the trainer subprocess inside it, and the rest by step."""
-    home = work / "flow-home"
+def flow_overhead(work: Path, model: Path, data: Path, code: Path, label: str, log: str = "") -> dict[str, float]:
+    """Wall time of the tiny flow run with the code in ``code`` (this checkout or a worktree of an
+    older revision), the trainer subprocess inside it, and the rest by step."""
+    home = work / f"flow-home-{label}"
     home.mkdir()
-    config = json.loads((REPO / "flows" / "configs" / "local-cpu.json").read_text())
+    config = json.loads((code / "flows" / "configs" / "local-cpu.json").read_text())
     config.update(name="tiny-bench", base_model=str(model), dataset=str(data), model_root=str(home / "models"))
     config["training"].update(max_steps=4, batch_size=4, eval_batch_size=4, learning_rate=1e-3, logging_steps=1,
-                              sample_fraction=1.0, max_seq_length=1024, cache_dir=str(home / "cache"))
+                              sample_fraction=1.0, max_seq_length=1024, cache_dir=str(home / "cache"),
+                              eval_max_new_tokens=8)  # as the tests' tiny config
     config_path = home / "tiny.json"
     config_path.write_text(json.dumps(config))
-    command = [sys.executable, str(REPO / "flows" / "dolly_flow.py"), "--config", "config", str(config_path), "run"]
+    command = [sys.executable, str(code / "flows" / "dolly_flow.py"), "--config", "config", str(config_path), "run"]
+    env = env_for(USERNAME="bench", METAFLOW_DATASTORE_SYSROOT_LOCAL=str(home))
+    env["PYTHONPATH"] = os.pathsep.join([str(code), env["PYTHONPATH"]])  # that revision's packages first
     launched = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=home,
-                               env=env_for(USERNAME="bench", METAFLOW_DATASTORE_SYSROOT_LOCAL=str(home)))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=home, env=env)
     lines = lines_with_times(process)
-    code = process.wait()
+    code_ = process.wait()
     ended = time.time()
     if log:
-        Path(log).write_text("".join(f"{arrived - launched:8.2f}  {text}\n" for arrived, text in lines))
-    if code != 0:
-        raise RuntimeError("the flow failed:\n" + "\n".join(t for _, t in lines[-40:]))
+        Path(f"{log}.{label}").write_text("".join(f"{arrived - launched:8.2f}  {text}\n" for arrived, text in lines))
+    if code_ != 0:
+        raise RuntimeError(f"the flow ({label}) failed:\n" + "\n".join(t for _, t in lines[-40:]))
 
     by_step: dict[str, list[tuple[float, str]]] = {}
     for arrived, text in lines:
@@ -193,37 +200,49 @@ def flow_overhead(work: Path, model: Path, data: Path, log: str = "") -> None:
     span = {name: (rows[0][0], rows[-1][0]) for name, rows in by_step.items()}  # first to last line
     train = by_step["train"]
     launch = first(train, "Launching: ")
-    trainer_end = [t for t, text in train if "exits successfully" in text][-1]
+    # The train step's own line after the trainer (since the one-rank launch without DeepSpeed's
+    # launcher), or that launcher's last line (older revisions).
+    trainer_end = next(t for t, text in train if "The trainer exited with code" in text or "exits successfully" in text)
     step1 = first(train, "[trainer] step 1/")
-    # DeepSpeed's CPU comm op: JIT-built on first use (~90 s on 2 cores), then loaded from
-    # ~/.cache/torch_extensions. The gap before its line holds the build or the load.
-    op_at = [i for i, (_, text) in enumerate(train) if "shm_comm_op" in text]
-    op_s = train[op_at[0]][0] - train[op_at[0] - 1][0] if op_at else float("nan")
     metrics = json.loads(next((home / "models").rglob("metrics.json")).read_text())
     trainer_s = trainer_end - launch
     total = ended - launched
-    rows = [
-        ("flow run, launch to exit", total),
-        ("  trainer subprocess (Launching: -> launcher exits)", trainer_s),
-        ("    of which train() after imports (metrics total_runtime_s)", metrics["total_runtime_s"]),
-        ("    of which launcher + interpreter + imports + exit (the rest)", trainer_s - metrics["total_runtime_s"]),
-        ("    trainer launch -> step 1 logged", step1 - launch),
-        ("    gap before DeepSpeed's 'shm_comm_op built' line (build or load)", op_s),
-        ("  flow overhead (run minus trainer subprocess)", total - trainer_s),
-        ("    Metaflow start-up -> start task's first line", span["start"][0] - launched),
-        ("    start task (first to last line)", span["start"][1] - span["start"][0]),
-        ("    start -> train task", span["train"][0] - span["start"][1]),
-        ("    train task before Launching:", launch - span["train"][0]),
-        ("    train task after the trainer exits", span["train"][1] - trainer_end),
-        ("    train -> end task", span["end"][0] - span["train"][1]),
-        ("    end task (first to last line)", span["end"][1] - span["end"][0]),
-        ("    after the end task -> exit", ended - span["end"][1]),
-    ]
-    print(f"\n(b) flow overhead: tiny config ({metrics['global_step']} steps, ZeRO-2 on one CPU rank, "
-          f"{metrics['train_rows']} train / {metrics['eval_rows']} eval rows)")
-    print(f"{'phase':<66}{'seconds':>9}")
-    for name, seconds in rows:
-        print(f"{name:<66}{seconds:>9.2f}")
+    return {
+        "flow run, launch to exit": total,
+        "  trainer subprocess (Launching: -> it exits)": trainer_s,
+        "    of which train() after imports (metrics total_runtime_s)": metrics["total_runtime_s"],
+        "    of which launch + interpreter + imports + exit (the rest)": trainer_s - metrics["total_runtime_s"],
+        "    trainer launch -> step 1 logged": step1 - launch,
+        "  flow overhead (run minus trainer subprocess)": total - trainer_s,
+        "    Metaflow start-up -> start task's first line": span["start"][0] - launched,
+        "    start task (first to last line)": span["start"][1] - span["start"][0],
+        "    start -> train task": span["train"][0] - span["start"][1],
+        "    train task before Launching:": launch - span["train"][0],
+        "    train task after the trainer exits": span["train"][1] - trainer_end,
+        "    train -> end task": span["end"][0] - span["train"][1],
+        "    end task (first to last line)": span["end"][1] - span["end"][0],
+        "    after the end task -> exit": ended - span["end"][1],
+    }
+
+
+def worktree(revision: str, work: Path) -> Path:
+    """A checkout of ``revision`` of this repository (git worktree), for the "before" column."""
+    path = work / f"rev-{revision[:12]}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(path), revision],
+                   check=True, capture_output=True)
+    return path
+
+
+def print_flow(results: dict[str, dict[str, float]], bare_s: float) -> None:
+    names = list(next(iter(results.values())))
+    print("\n(b) flow overhead: the tests' tiny config (2-layer random Llama, 48 train / 16 eval rows, 4 steps, "
+          "ZeRO-2 on one CPU rank)")
+    print(f"{'phase (seconds)':<66}" + "".join(f"{label:>14}" for label in results))
+    for name in names:
+        print(f"{name:<66}" + "".join(f"{r[name]:>14.2f}" for r in results.values()))
+    print(f"{'bare `import torch, transformers, metaflow` (median of 3)':<66}" + f"{bare_s:>14.2f}" * len(results))
+    print(f"{'flow run / bare imports':<66}" + "".join(f"{r['flow run, launch to exit'] / bare_s:>13.1f}x"
+                                                       for r in results.values()))
     print("(task lines are timed on arrival here; 'first to last line' is Metaflow's 'Task is starting.' "
           "to 'Task finished successfully.')")
 
@@ -232,7 +251,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Tiny model and the flow only.")
     parser.add_argument("--no-flow", action="store_true", help="Start-up only.")
-    parser.add_argument("--flow-log", default="", help="Write the flow's output here, each line with its arrival time.")
+    parser.add_argument("--flow-log", default="", help="Write each flow's output to <this>.<now|before>, each line "
+                        "with its arrival time.")
+    parser.add_argument("--before", default="", metavar="REVISION", help="Also run the flow of this git revision "
+                        "(a worktree of it, same venv) and print its phases beside today's.")
     args = parser.parse_args()
 
     from training.dataset import default_cache_dir
@@ -260,7 +282,15 @@ def main() -> None:
                                                      local)
         print_startup(results)
         if not args.no_flow:
-            flow_overhead(work, model, data, args.flow_log)
+            flows = {}
+            if args.before:
+                flows[f"before {args.before[:10]}"] = flow_overhead(work, model, data, worktree(args.before, work),
+                                                                    "before", args.flow_log)
+            flows["now"] = flow_overhead(work, model, data, REPO, "now", args.flow_log)
+            bare_s = wall([sys.executable, "-c", "import torch, transformers, metaflow"])
+            print_flow(flows, bare_s)
+            if args.before:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=False)
 
 
 if __name__ == "__main__":

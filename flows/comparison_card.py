@@ -11,14 +11,16 @@ The card needs no network: the chart is a PNG drawn on a bare matplotlib ``Figur
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from metaflow.cards import Image, Markdown, Table
 from run_summary import change, or_na
 from training_card import duration
 
 from gpu_profile.render import code_span
+
+if TYPE_CHECKING:  # matplotlib (0.4 s) only where a chart is drawn: every card process imports this
+    from matplotlib.figure import Figure
 
 # --select: the metric, which way is better, and how it is shown.
 SELECTIONS = {
@@ -137,6 +139,8 @@ def _instructions(answers: dict[int, list[dict[str, Any]]]) -> list[str]:
 
 def eval_loss_figure(rows: list[dict[str, Any]]) -> Figure:
     """Every point's eval loss against the step, on one chart."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(9, 3.2), dpi=80)
     ax = fig.add_subplot(1, 1, 1)
     for row in rows:

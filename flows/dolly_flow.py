@@ -52,7 +52,6 @@ from trainer_launch import (
     launch_command,
     release_shared_memory,
     run_streaming,
-    visible_gpus,
 )
 from training_card import LiveTrainingCard
 
@@ -236,12 +235,13 @@ class DollyFlow(FlowSpec):
         store = LocalModelStore(Path(self.settings.get("model_root", "models")))
         workdir = store.workdir(current.flow_name, current.run_id, node=nodes.rank, branch=branch)
         checkpoint_root = f"{self.checkpoint_root}/{branch}" if self.checkpoint_root and branch else self.checkpoint_root
-        gpus = visible_gpus()
-        ranks = gpus or 1
-        print(f"Training on {f'{gpus} GPU(s)' if gpus else 'CPU (1 rank)'}{nodes.describe()}; output in {workdir}")
         # This node's real GPUs, driver, NCCL, /dev/shm and disk against the plan, before the
         # trainer loads anything: a wrong node fails in seconds, not after hours.
-        findings, self.preflight = node_preflight(self.settings, self.trainer_argv, str(workdir), nodes.count)
+        findings, self.preflight = node_preflight(self.settings, self.trainer_argv, str(workdir), nodes.count,
+                                                  start_record=self.preflight_start)
+        gpus = len(self.preflight["facts"]["gpus"] or [])  # as torch sees them, CUDA_VISIBLE_DEVICES applied
+        ranks = gpus or 1
+        print(f"Training on {f'{gpus} GPU(s)' if gpus else 'CPU (1 rank)'}{nodes.describe()}; output in {workdir}")
         print(format_findings(findings))
         if any(f.severity == "error" for f in findings):
             with LiveTrainingCard(workdir / PROGRESS_FILE, node=nodes.rank, preflight=self.preflight):
@@ -257,12 +257,12 @@ class DollyFlow(FlowSpec):
         if resume:
             argv += ["--resume_from", resume]
         # World rank 0 (on node 0) writes the metrics stream; other nodes' cards point there.
-        command = launch_command(argv, ranks, nodes)
+        launch = launch_command(argv, ranks, nodes)
         with LiveTrainingCard(workdir / PROGRESS_FILE, node=nodes.rank, preflight=self.preflight) as live:
             try:
-                run_streaming(command, env=s3_endpoint_env())
+                run_streaming(launch.command, env={**s3_endpoint_env(), **launch.env})
             finally:
-                release_shared_memory(command)  # what killed ranks could not remove themselves
+                release_shared_memory(launch)  # what killed ranks could not remove themselves
         if nodes.rank != 0:
             return  # node 0 publishes the model and the metrics
         # The curves of the card as (step, value) lists: loss, eval_loss, learning_rate, ...

@@ -133,6 +133,7 @@ class DollySweepFlow(DollyFlow):
         """DollyFlow's training with this point's settings (its own directory and S3 prefix)."""
         self.point = self.input
         self.trainer_argv, self.config = self.point["trainer_argv"], self.point["config"]
+        self.preflight_start = self.point["preflight_start"]  # this point's plan, as start made it
         print(f"Point {self.point['index'] + 1} of the sweep: {self.point['name']}")
         started = time.time()
         self.train_on_this_node(branch=f"point-{self.point['index'] + 1}")

@@ -3,8 +3,8 @@
 In ``start``, on the launching machine: what the config declares (``resources`` and
 ``gpu_spec``: the preset's GPU, its memory and compute capability) against the plan: precision,
 /dev/shm, the memory-fit estimate. In ``train``, on the node, before the trainer starts: the
-node's real facts (read in a short subprocess, so the step process never holds a CUDA context),
-every rule. Both return ``(findings, record)``; the record is the ``preflight`` artifact and the
+node's real facts (on a GPU node read in a short subprocess, so the step process never holds a
+CUDA context), every rule. Both return ``(findings, record)``; the record is the ``preflight`` artifact and the
 card's preflight section.
 """
 
@@ -18,9 +18,10 @@ from training.preflight import (
     TrainingPlan,
     check,
     declared_facts,
-    gather_facts_in_subprocess,
+    gather_node_facts,
     model_size_from_config,
     plan_from_args,
+    plan_from_record,
     preflight_record,
 )
 
@@ -87,12 +88,20 @@ def start_preflight(settings: Any, model_args: Any, data_args: Any, train_args: 
     return _run(declared(settings), plan, notes, "start")
 
 
-def node_preflight(settings: Any, trainer_argv: list[str], output_dir: str, num_nodes: int) -> tuple[list[Finding], dict]:
-    """Every rule on this node's real facts, before the trainer starts."""
-    from training.arguments import parse_args
-    from training.base_model import resolve_base_model
+def node_preflight(settings: Any, trainer_argv: list[str], output_dir: str, num_nodes: int,
+                   start_record: dict | None = None) -> tuple[list[Finding], dict]:
+    """Every rule on this node's real facts, before the trainer starts.
 
-    model_args, data_args, train_args = parse_args(trainer_argv)
-    plan, notes = training_plan(model_args, data_args, train_args, resolve_base_model(model_args.base_model))
-    facts = gather_facts_in_subprocess(int(settings.resources.gpu or 0), output_dir, num_nodes)
+    The plan is the one `start` made from the same arguments (``start_record``, its preflight
+    record) when `start` could read the model's size: building it again would import
+    transformers and build the model on the meta device in this process (~3 s on 2 cores)."""
+    if start_record and start_record.get("plan", {}).get("num_parameters"):
+        plan, notes = plan_from_record(start_record["plan"]), []
+    else:  # no record, or the size unknown in start (a hub model out of reach there): try here
+        from training.arguments import parse_args
+        from training.base_model import resolve_base_model
+
+        model_args, data_args, train_args = parse_args(trainer_argv)
+        plan, notes = training_plan(model_args, data_args, train_args, resolve_base_model(model_args.base_model))
+    facts = gather_node_facts(int(settings.resources.gpu or 0), output_dir, num_nodes)
     return _run(facts, plan, notes, "train")

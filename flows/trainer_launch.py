@@ -1,7 +1,8 @@
 """Building the trainer's command line and running it as a live-streamed subprocess.
 
 The train step runs ``deepspeed --num_gpus N --module training.trainer ...`` with one process per
-visible GPU; on a machine with no GPU, one CPU rank (DeepSpeed's CPU accelerator, gloo backend).
+visible GPU; with one GPU, or on a machine with none (one CPU rank: DeepSpeed's CPU accelerator,
+gloo backend), ``python -m training.trainer ...`` itself (``launch_command``).
 The trainer's output goes to the task log line by line while it runs; when it fails, the step
 fails with the trainer's own last lines.
 """
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,13 +128,6 @@ def training_section_problems(training: dict[str, Any]) -> list[str]:
     return problems
 
 
-def visible_gpus() -> int:
-    """GPUs this process can use (0 on a machine without CUDA)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 @dataclass(frozen=True)
 class Nodes:
     """This node's place in a multi-node gang (Metaflow ``@parallel``); one node by default."""
@@ -158,46 +153,57 @@ def rendezvous_port(run_id: str) -> int:
     return 20000 + int(hashlib.sha256(str(run_id).encode()).hexdigest(), 16) % 10000
 
 
-def launch_command(trainer_argv: list[str], num_processes: int, nodes: Nodes | None = None) -> list[str]:
-    """``deepspeed --num_gpus N --module training.trainer ...`` with the venv's own launcher;
-    on several nodes, ``torch.distributed.run`` with this node's rank.
+@dataclass(frozen=True)
+class Launch:
+    """How to start the trainer on this node: the command, the environment it adds, and the
+    rendezvous port (DeepSpeed names its /dev/shm segments after it)."""
 
-    Why torchrun across nodes: DeepSpeed's launcher, even with ``--no_ssh --node_rank``, wants a
-    hostfile listing every node (measured with 0.19.8: "Num nodes is >1 but no extra nodes
-    available via hostfile"). torchrun needs only the main node's address, which Metaflow's
-    @parallel provides; the HF Trainer then starts the same DeepSpeed engine from the
-    ``--deepspeed`` config.
+    command: list[str]
+    env: dict[str, str]
+    port: str
+
+
+def launch_command(trainer_argv: list[str], num_processes: int, nodes: Nodes | None = None) -> Launch:
+    """The trainer's launch on this node.
+
+    - One rank on one node (a CPU run, or one GPU): ``python -m training.trainer ...`` itself,
+      with the rendezvous variables DeepSpeed's launcher would set. The launcher chain
+      (``deepspeed`` -> ``deepspeed.launcher.launch`` -> the rank) imports torch twice more and
+      polls its rank once a second: ~5 s of a tiny run (benchmarks/startup_and_flow_overhead.py).
+    - Several ranks on one node: ``deepspeed --num_gpus N --module training.trainer ...`` with the
+      venv's own launcher, one process per GPU.
+    - Several nodes: ``torch.distributed.run`` with this node's rank. Why torchrun: DeepSpeed's
+      launcher, even with ``--no_ssh --node_rank``, wants a hostfile listing every node (measured
+      with 0.19.8: "Num nodes is >1 but no extra nodes available via hostfile"). torchrun needs
+      only the main node's address, which Metaflow's @parallel provides; the HF Trainer then
+      starts the same DeepSpeed engine from the ``--deepspeed`` config.
     """
     if nodes is not None and nodes.count > 1:
-        return [
+        port = str(nodes.port)
+        return Launch([
             sys.executable, "-m", "torch.distributed.run",
             "--nnodes", str(nodes.count), "--node_rank", str(nodes.rank), "--nproc_per_node", str(num_processes),
-            "--master_addr", nodes.main_addr, "--master_port", str(nodes.port),
+            "--master_addr", nodes.main_addr, "--master_port", port,
             "-m", "training.trainer", *trainer_argv,
-        ]
+        ], {}, port)
+    # A free port: two local runs (or tests) at once must not collide on DeepSpeed's default 29500.
+    port = str(_free_port())
+    if num_processes == 1:
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        return Launch([sys.executable, "-m", "training.trainer", *trainer_argv], env, port)
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
     if launcher is None:
         raise TrainerFailed("The `deepspeed` launcher is not on PATH; install the project with `pip install -e .`.")
-    # A free port: two local runs (or tests) at once must not collide on DeepSpeed's default 29500.
-    return [
-        launcher,
-        "--num_gpus",
-        str(num_processes),
-        "--master_port",
-        str(_free_port()),
-        "--module",
-        "training.trainer",
-        *trainer_argv,
-    ]
+    return Launch([launcher, "--num_gpus", str(num_processes), "--master_port", port, "--module", "training.trainer",
+                   *trainer_argv], {}, port)
 
 
-def release_shared_memory(command: list[str]) -> list[str]:
-    """Remove the /dev/shm segments DeepSpeed's CPU comm op made for ``command``'s ranks (found by
-    its master port); returns their names. Each rank removes its own when it exits; one that was
-    killed (OOM, SIGKILL, a launcher tearing it down) cannot (training/shared_memory.py)."""
-    if "--master_port" not in command:
-        return []
-    return remove_deepspeed_segments(command[command.index("--master_port") + 1])
+def release_shared_memory(launch: Launch) -> list[str]:
+    """Remove the /dev/shm segments DeepSpeed's CPU comm op made for ``launch``'s ranks (found by
+    its rendezvous port); returns their names. Each rank removes its own when it exits; one that
+    was killed (OOM, SIGKILL, a launcher tearing it down) cannot (training/shared_memory.py)."""
+    return remove_deepspeed_segments(launch.port)
 
 
 def _free_port() -> int:
@@ -230,6 +236,7 @@ def run_streaming(command: list[str], tail_lines: int = 40, env: dict[str, str] 
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     print("Launching: " + " ".join(command), flush=True)
+    launched = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     received: list[int] = []
     with subprocess.Popen(
@@ -256,6 +263,7 @@ def run_streaming(command: list[str], tail_lines: int = 40, env: dict[str, str] 
                 print(line, end="", flush=True)
                 tail.append(line.rstrip())
             code = process.wait()
+            print(f"The trainer exited with code {code} after {time.monotonic() - launched:.1f} s.", flush=True)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

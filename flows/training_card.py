@@ -1,11 +1,13 @@
 """The train step's live ``training`` card: curves, progress/ETA and the evaluation table.
 
 The trainer writes its metrics stream (``training/progress.py``); while it runs, a thread in the
-train step reads the new lines every few seconds and redraws the card, and the step renders it a
-last time when the trainer exits (also when it fails, so the card shows how far it got):
+train step reads the new lines every few seconds and redraws the card. When the trainer exits, the
+card gets its last components: Metaflow renders them at the task's end, and when the trainer
+failed the block redraws at once (Metaflow renders no card for a failed task), so the card shows
+how far it got:
 
     with LiveTrainingCard(workdir / PROGRESS_FILE) as live:
-        run_streaming(command)
+        run_streaming(launch.command, env=launch.env)
     self.training_history = live.history()
 
     python flows/dolly_flow.py card view train --id training     # after (or during) a run
@@ -20,15 +22,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from metaflow import current
 from metaflow.cards import Image, Markdown, Table
 
 from gpu_profile.live_card import refresh_interval_s, wait_out_floor
 from gpu_profile.render import code_span
 from training.progress import ProgressReader
+
+if TYPE_CHECKING:  # matplotlib (0.4 s) only where a chart is drawn: every card process imports this
+    from matplotlib.figure import Figure
 
 CARD_ID = "training"
 ANSWER_CHARS = 280  # an answer longer than this is cut in the table (the artifact has it whole)
@@ -161,6 +165,8 @@ def _cut(text: str, limit: int) -> str:
 
 
 def _panels() -> tuple[Figure, Any, Any]:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
     left, right = fig.subplots(1, 2)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.2, top=0.87, wspace=0.22)
@@ -228,9 +234,10 @@ class LiveTrainingCard:
         self._thread.join(timeout=30)
         self.reader.poll()
         failed = f"{exc_type.__name__}" if exc_type is not None else None
-        # On success Metaflow renders these components at task end; on failure it renders
+        # On success Metaflow renders these components at task end (a render and a refresh
+        # process per card): a redraw of our own now would add two more. On failure it renders
         # nothing, so force a runtime render that `card view` shows.
-        self._render(failed=failed, force=exc_type is not None)
+        self._render(failed=failed, force=exc_type is not None, redraw=exc_type is not None)
 
     def history(self) -> dict[str, Any]:
         """The curves as lists of (step, value): the ``training_history`` artifact."""
@@ -244,10 +251,11 @@ class LiveTrainingCard:
             self.reader.poll()
             self._render()  # also when nothing is new: elapsed time and ETA move on
 
-    def _render(self, failed: str | None = None, force: bool = False) -> None:
+    def _render(self, failed: str | None = None, force: bool = False, redraw: bool = True) -> None:
         # A forced render (a failure, e.g. a preflight error right after the first redraw) waits
         # out Metaflow's floor, or it would be dropped.
-        self._rendered_at = wait_out_floor(self._rendered_at) if force else time.monotonic()
+        if redraw:
+            self._rendered_at = wait_out_floor(self._rendered_at) if force else time.monotonic()
         try:
             card = current.card[self.card_id]
             card.clear()
@@ -263,6 +271,7 @@ class LiveTrainingCard:
                 card.extend(card_components(view, failed, charts=self._charts[1]))
             if self.preflight is not None:
                 card.extend(preflight_components(self.preflight))
-            card.refresh(force=force)
+            if redraw:
+                card.refresh(force=force)
         except Exception as err:  # a card must never fail the training it shows
             print(f"training card: could not render ({type(err).__name__}: {err})", file=sys.stderr)

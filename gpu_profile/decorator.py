@@ -120,16 +120,18 @@ class GpuProfileSampling(UserStepDecorator):
         while not self._stopping.wait(interval):
             self._render(final=False)
 
-    def _render(self, final: bool) -> None:
+    def _render(self, final: bool, redraw: bool = True) -> None:
         from gpu_profile.render import card_components
 
-        self._rendered_at = wait_out_floor(self._rendered_at) if final else time.monotonic()
+        if redraw:
+            self._rendered_at = wait_out_floor(self._rendered_at) if final else time.monotonic()
         try:
             components = card_components(self._sampler.snapshot())
             card = current.card[CARD_ID]
             card.clear()
             card.extend(components)
-            card.refresh(force=final)
+            if redraw:
+                card.refresh(force=final)
         except Exception as err:  # a profile must never fail the training step it watches
             print(f"@gpu_profile: could not render the card ({type(err).__name__}: {err})", file=sys.stderr)
 
@@ -145,9 +147,10 @@ class GpuProfileSampling(UserStepDecorator):
         data = self._sampler.snapshot()
         flow.gpu_profile_data = data
         flow.gpu_profile_num_gpus = data["num_gpus"]
-        # The final render: @card renders these components at task end when the step succeeds;
-        # on failure it renders nothing, so force a runtime render that `card view` shows.
-        self._render(final=exception is not None)
+        # The final components: @card renders them at task end when the step succeeds (a redraw
+        # of our own now would cost two more card processes); on failure it renders nothing, so
+        # force a runtime render that `card view` shows.
+        self._render(final=exception is not None, redraw=exception is not None)
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
         if exception:

@@ -21,13 +21,15 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from metaflow.cards import Image, Markdown, Table
 
 from gpu_profile.summary import summarize, verdict
 from gpu_profile.topology import LEGEND
+
+if TYPE_CHECKING:  # matplotlib (0.4 s) only where a chart is drawn: every card process imports this
+    from matplotlib.figure import Figure
 
 _FIGSIZE = (9, 2.4)  # inches; at _DPI, 720 x 192 pixels
 _DPI = 80
@@ -137,6 +139,8 @@ def _floats(values: list) -> list[float]:
 
 def _figure() -> tuple[Figure, Any, Any]:
     """An empty two-panel chart: (figure, left axes, right axes)."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
     left, right = fig.subplots(1, 2)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.2, top=0.87, wspace=0.22)

@@ -79,7 +79,7 @@ def test_zero3_two_ranks_share_the_answers_and_match_one_process(tiny_model_dir,
 
     def train(*launch: str, out: str) -> tuple[dict, str]:
         # No retry: two gloo ranks used to abort at interpreter exit in ~1 run of 5; the trainer
-        # now ends them with os._exit (training/trainer.py, _exit_before_gloo_teardown).
+        # now ends them with os._exit (training/trainer.py, _exit_without_teardown).
         result = run_bounded([*launch, *common, "--output_dir", str(tmp_path / out)], cwd=REPO, env=python_env(),
                              timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 from training.arguments import find_problems, parse_args
@@ -45,15 +46,16 @@ def test_segments_of_killed_ranks_are_removed_by_launch_port(tmp_path):
 
     from trainer_launch import launch_command, release_shared_memory
 
-    command = launch_command(["--max_steps", "1"], 2)
-    port = command[command.index("--master_port") + 1]
+    launch = launch_command(["--max_steps", "1"], 2)
+    port = launch.command[launch.command.index("--master_port") + 1]
+    assert launch.port == port
     shm = Path("/dev/shm")
     mine = [shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for rank in (0, 1)]
     other = shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{int(port) + 1}_0"
     try:
         for path in [*mine, other]:
             path.write_bytes(b"x")
-        assert sorted(release_shared_memory(command)) == sorted(p.name for p in mine)
+        assert sorted(release_shared_memory(launch)) == sorted(p.name for p in mine)
         assert not any(p.exists() for p in mine) and other.exists()
     finally:
         other.unlink(missing_ok=True)
@@ -124,3 +126,22 @@ def test_prompt_format_and_chat_template_reach_the_trainer_and_bad_values_are_na
     template = tmp_path / "mine.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}")
     assert problems("chat", str(template)) == []
+
+
+def test_one_rank_runs_the_trainer_itself_and_several_through_a_launcher():
+    """One rank on one node: no launcher chain, the rendezvous in the environment; several GPUs:
+    DeepSpeed's launcher; several nodes: torchrun with this node's rank and the run's port."""
+    from trainer_launch import Nodes, launch_command
+
+    one = launch_command(["--max_steps", "1"], 1)
+    assert one.command == [sys.executable, "-m", "training.trainer", "--max_steps", "1"]
+    assert one.env["MASTER_PORT"] == one.port and one.port.isdigit()
+    assert {k: one.env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    four = launch_command(["--max_steps", "1"], 4)
+    assert Path(four.command[0]).name == "deepspeed" and four.env == {}
+    assert four.command[1:5] == ["--num_gpus", "4", "--master_port", four.port]
+    nodes = launch_command(["--max_steps", "1"], 2, Nodes(count=2, rank=1, main_addr="10.0.0.1", port=23456))
+    assert nodes.command[1:3] == ["-m", "torch.distributed.run"] and nodes.port == "23456"
+    assert nodes.command[nodes.command.index("--node_rank") + 1] == "1"
+    assert nodes.command[-3:] == ["training.trainer", "--max_steps", "1"]
