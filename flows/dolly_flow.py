@@ -20,6 +20,8 @@ Run it:
     python flows/dolly_flow.py run --help                            # every parameter
 """
 
+import atexit
+import gc
 import json
 from pathlib import Path
 
@@ -28,6 +30,13 @@ from training.metaflow_runs import ensure_metaflow_user
 
 ensure_metaflow_user()  # before Metaflow reads the user: a root container runs as "dolly"
 # isort: on
+
+# Every process of a run imports this file (the runtime, each task, each `card create`). At exit,
+# the garbage collector would walk every object of torch and transformers again while the
+# interpreter tears the modules down: ~2 s per process that imported them (1.7 s for torch
+# alone, measured on 2 cores); frozen, the collector skips them. Nothing else changes: the other
+# atexit handlers (Metaflow's, logging's flush) and the modules' teardown still run.
+atexit.register(gc.freeze)
 
 from kubernetes_settings import kubernetes_settings
 from metaflow import (
