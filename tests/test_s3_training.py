@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,16 +33,38 @@ def train(args: list[str], s3_env: dict[str, str], tmp_path, name: str) -> subpr
     return result
 
 
-def test_checkpoints_and_model_go_to_s3_with_retention(tiny_model_dir, small_dataset_dir, s3_env, s3_bucket_name,
-                                                      tmp_path):
-    uri = f"s3://{s3_bucket_name}/run1"
-    result = train(["--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir), "--s3_uri", uri,
-                    "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "2"], s3_env, tmp_path, "out")
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["checkpoints_uploaded"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+def s3_arguments(tiny_model_dir, small_dataset_dir, uri: str) -> list[str]:
+    """The first attempt's flags, and a new machine's that resumes it: a checkpoint every 4 steps, 2 kept."""
+    return ["--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir), "--s3_uri", uri,
+            "--save_steps", "4", "--save_total_limit", "2", "--learning_rate", "1e-3", "--eval_max_new_tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def first_attempt(tiny_model_dir, small_dataset_dir, s3_server, tmp_path_factory):
+    """One epoch (12 steps of 4 rows) with --s3_uri: (its URI, the folder holding its output folder
+    "first", its result). Its checkpoint-12 is saved before that epoch's evaluation and answers,
+    which an attempt that resumes it then runs. The retention test reads it; the resume test
+    resumes from it."""
+    import boto3
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_server.items():
+            patch.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket="first-attempt")
+    uri = "s3://first-attempt/run"
+    folder = tmp_path_factory.mktemp("first-attempt")
+    result = train([*s3_arguments(tiny_model_dir, small_dataset_dir, uri), "--max_steps", "12"], s3_server, folder,
+                   "first")
+    return uri, folder, result
+
+
+def test_checkpoints_and_model_go_to_s3_with_retention(first_attempt, s3_env, tmp_path):
+    uri, folder, result = first_attempt
+    metrics = json.loads((folder / "first" / "metrics.json").read_text())
+    assert metrics["checkpoints_uploaded"] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
     assert metrics["model_location"] == f"{uri}/model"
-    assert S3CheckpointStore(f"{uri}/checkpoints").names() == ["checkpoint-4", "checkpoint-6"]
-    assert "deleted" in result.stdout and "checkpoint-2 (save_total_limit 2)" in result.stdout
+    assert S3CheckpointStore(f"{uri}/checkpoints").names() == ["checkpoint-8", "checkpoint-12"]
+    assert "deleted" in result.stdout and "checkpoint-4 (save_total_limit 2)" in result.stdout
 
     logs = S3CheckpointStore(uri).download("logs", tmp_path / "downloaded")
     assert list(logs.rglob("events.out.tfevents.*"))
@@ -49,26 +72,23 @@ def test_checkpoints_and_model_go_to_s3_with_retention(tiny_model_dir, small_dat
     names = {p.name for p in model.iterdir()}
     assert {"model.safetensors", "tokenizer.json", "config.json", "metrics.json"} <= names
     assert not names & {"checkpoints", "logs", "training_args.bin", "s3_uploads.json"}
-    assert not (tmp_path / "out" / "training_args.bin").exists()  # a pickle: no part of the model
+    assert not (folder / "first" / "training_args.bin").exists()  # a pickle: no part of the model
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(model)
 
 
 def test_resume_latest_continues_the_global_step_and_reports_the_whole_run(tiny_model_dir, small_dataset_dir, s3_env,
-                                                                          s3_bucket_name, tmp_path):
-    """The first attempt stops at the end of epoch 1 (12 steps of 4 rows): its checkpoint-12 is
-    saved before that epoch's evaluation and answers, which the resumed attempt then runs."""
-    uri = f"s3://{s3_bucket_name}/run2"
-    common = ["--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir), "--s3_uri", uri,
-              "--save_steps", "6", "--learning_rate", "1e-3", "--eval_max_new_tokens", "8"]
-    train([*common, "--max_steps", "12"], s3_env, tmp_path, "first")
-    # A new machine: a fresh output directory, only S3 in common with the first attempt.
-    result = train([*common, "--max_steps", "14", "--resume_from", "latest"], s3_env, tmp_path, "second")
+                                                                          first_attempt, tmp_path):
+    """A new machine (a fresh output directory, only S3 in common with the first attempt) resumes
+    from the newest checkpoint, checkpoint-12, and trains two more steps."""
+    uri, folder, _ = first_attempt
+    result = train([*s3_arguments(tiny_model_dir, small_dataset_dir, uri), "--max_steps", "14",
+                    "--resume_from", "latest"], s3_env, tmp_path, "second")
     assert f"resuming from {uri}/checkpoints/checkpoint-12" in result.stdout
     steps = [int(s) for s in re.findall(r"\[trainer\] step (\d+)/14 loss=", result.stdout)]
     assert steps == [13, 14]  # steps 1-12 were not trained again
-    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    first = json.loads((folder / "first" / "metrics.json").read_text())
     metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
     assert metrics["global_step"] == 14 and metrics["resumed_from_step"] == 12
     # What an uninterrupted run reports: the base model's figures (from the checkpoint, not an
@@ -81,26 +101,19 @@ def test_resume_latest_continues_the_global_step_and_reports_the_whole_run(tiny_
         assert (resumed["global_step"], resumed["answers"]) == (original["global_step"], original["answers"])
     assert metrics["ended_share_base"] == first["ended_share_base"]
     # Throughput and runtime since step 0, not over the 2 steps of the second attempt.
-    def stream(name: str) -> list[dict]:
-        return [json.loads(line) for line in (tmp_path / name / "logs" / "progress.jsonl").read_text().splitlines()]
+    def stream(name: Path) -> list[dict]:
+        return [json.loads(line) for line in (name / "logs" / "progress.jsonl").read_text().splitlines()]
 
-    step_s = [e["step_s"] for name in ("first", "second") for e in stream(name) if e["event"] == "step"]
+    step_s = [e["step_s"] for name in (folder / "first", tmp_path / "second") for e in stream(name)
+              if e["event"] == "step"]
     assert len(step_s) == 14
     assert metrics["tokens_per_second"] == pytest.approx(metrics["tokens"] / sum(step_s), rel=1e-6)
     saved = json.loads((tmp_path / "second" / "resume" / "checkpoint-12" / "trainer_state.json").read_text())
     before = saved["stateful_callbacks"]["StreamProgress"]["attributes"]["restored_train_seconds"]
     assert metrics["train_runtime_s"] > before > sum(step_s[:12])
-    restored = [e for e in stream("second") if e.get("restored")]
+    restored = [e for e in stream(tmp_path / "second") if e.get("restored")]
     assert [e["label"] for e in restored if e["event"] == "evaluation"] == ["base"]
     assert [e["step"] for e in restored if e["event"] == "log"] == list(range(1, 13))
-
-
-def test_resume_latest_with_nothing_uploaded_starts_fresh(tiny_model_dir, small_dataset_dir, s3_env, s3_bucket_name,
-                                                         tmp_path):
-    result = train(["--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir),
-                    "--s3_uri", f"s3://{s3_bucket_name}/empty", "--max_steps", "2", "--resume_from", "latest"],
-                   s3_env, tmp_path, "out")
-    assert "no valid checkpoint in" in result.stdout and "starting fresh" in result.stdout
 
 
 def test_unreachable_s3_stops_before_the_data_loads(tiny_model_dir, small_dataset_dir, tmp_path):
@@ -166,7 +179,8 @@ def test_a_checkpoint_in_s3_with_a_pickle_payload_is_refused_before_the_model_lo
 
 
 def test_a_failed_final_upload_says_training_finished_and_where_the_model_is(
-        tiny_model_dir, small_dataset_dir, s3_env, s3_bucket_name, tmp_path, monkeypatch):
+        tiny_model_dir, small_dataset_dir, s3_env, s3_bucket_name, tmp_path, monkeypatch, capfd):
+    """Also `--resume_from latest` with nothing uploaded yet (an empty prefix): it starts fresh."""
     from training import trainer
     from training.checkpoint_store import CheckpointStoreError
 
@@ -181,7 +195,9 @@ def test_a_failed_final_upload_says_training_finished_and_where_the_model_is(
         trainer.main(["--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir), "--s3_uri", uri,
                       "--max_steps", "2", "--save_steps", "1000", "--eval_instructions", "none",
                       "--per_device_train_batch_size", "4", "--output_dir", str(out),
-                      "--cache_dir", str(tmp_path / "cache")])
+                      "--cache_dir", str(tmp_path / "cache"), "--resume_from", "latest"])
+    printed = capfd.readouterr().out
+    assert "no valid checkpoint in" in printed and "starting fresh" in printed
     message = str(raised.value.code)
     assert message == (f"Training finished: the model is in {out}, the checkpoints in {out / 'checkpoints'}; "
                        f"these did not upload:\n  the model ({uri}/model): S3 upload failed for {uri}: "
