@@ -38,10 +38,35 @@ if not (os.environ.get("USERNAME") or os.environ.get("USER")):
 UNIT_FOLDERS = (REPO / "tests" / "unit", REPO / "tests" / "gpu_profile")
 
 
+# Fixtures that run a flow or the trainer once for several tests. pytest-xdist (addopts: -n 2
+# --dist loadgroup) runs each worker's session and module fixtures in that worker: the tests that
+# read one of these runs go to one worker (an xdist_group named after it), which makes it once.
+SHARED_RUNS = ("tiny_run", "all_off_run", "plain_trainer_run", "chat_run", "sweep_run", "first_attempt",
+               "zero2_first_runs")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if not any(folder in item.path.parents for folder in UNIT_FOLDERS):
             item.add_marker(pytest.mark.e2e)
+        group = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+    # The longest work first, so that no worker starts a long test when the other is nearly done
+    # (xdist hands out work in this order, --no-loadscope-reorder): the `slow` runs of the bundled
+    # model, the groups of a shared run, the other end-to-end tests, then the unit tier. A stable
+    # sort keeps each module's tests in their order; a module-scoped fixture that runs something
+    # belongs in SHARED_RUNS, so that all its tests land in one tier (else it would run twice).
+    def order(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow"):
+            return 0
+        if item.get_closest_marker("xdist_group"):
+            return 1
+        return 2 if item.get_closest_marker("e2e") else 3
+
+    items.sort(key=order)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -311,6 +336,24 @@ def metaflow_runner(*args, timeout: float = FLOW_TIMEOUT_S, **kwargs) -> Bounded
 
 
 @pytest.fixture(scope="session")
+def plain_trainer_run(tiny_model_dir, small_dataset_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`python -m training.trainer` on the tiny model without DeepSpeed, as a user runs it: 2
+    epochs of 12 steps, the evaluation instructions answered (8 tokens at most) before training
+    and after each epoch, no DeepSpeed op built in its TORCH_EXTENSIONS_DIR. (the output
+    directory, the result). tests/test_trainer_cli.py and tests/test_evaluation.py read it."""
+    home = tmp_path_factory.mktemp("plain-trainer")
+    out = home / "out"
+    result = run_bounded([
+        sys.executable, "-m", "training.trainer", "--base_model", str(tiny_model_dir), "--dataset",
+        str(small_dataset_dir), "--output_dir", str(out), "--epochs", "2", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-3", "--logging_steps", "2", "--max_seq_length", "1024", "--eval_max_new_tokens", "8",
+        "--cache_dir", str(home / "cache"),
+    ], cwd=REPO, env=python_env(TORCH_EXTENSIONS_DIR=str(home / "no-ops-built")), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+@pytest.fixture(scope="session")
 def flow_home(tmp_path_factory) -> Path:
     """A working directory for the flow's local datastore and models."""
     return tmp_path_factory.mktemp("flow-home")
@@ -431,6 +474,39 @@ def component_types(components: list) -> Counter:
 def of_type(components: list, kind: str) -> list[dict]:
     """Every component of ``kind`` ("table", "markdown", "image", ...) in a card."""
     return [node for node in walk_components(components) if node.get("type") == kind]
+
+
+OFF = {"max_steps": 2, "eval_instructions": "none"}  # Runner arguments: the flow's parameters
+NVML_SHIM = REPO / "tests" / "gpu_profile" / "nvml_shim"  # `import pynvml` answered by a simulated 4-GPU node
+
+
+def all_off_config(tiny_config: Path, directory: Path, **top: object) -> Path:
+    """The tiny config with LoRA and no merge (and ``top`` level keys such as num_nodes)."""
+    path = Path(write_config(tiny_config, directory, peft="lora", merge_adapter=False))
+    config = json.loads(path.read_text())
+    config.update(top)
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def all_off_run(tiny_config, small_dataset_dir, flow_home, tmp_path_factory) -> tuple:
+    """DollyFlow with every optional output off (tests/test_optional_outputs_off.py: no answers,
+    LoRA without merge, no S3, no DeepSpeed, 2 steps), on data in a directory named like an
+    attack, and on a simulated 4-GPU node: NVML answered by tests/gpu_profile/nvml_shim (torch
+    still sees no GPU), whose profile tests/test_gpu_profile_flow.py reads. (run, log)."""
+    from tests.unit.test_card_escaping import IMG
+
+    home = tmp_path_factory.mktemp("all-off")
+    data = home / f"data{IMG}"
+    shutil.copytree(small_dataset_dir, data)
+    env = flow_env(flow_home)
+    env["PYTHONPATH"] = os.pathsep.join([str(NVML_SHIM), str(NVML_SHIM.parent), env["PYTHONPATH"]])
+    with metaflow_runner(str(REPO / "flows" / "dolly_flow.py"), show_output=False, env=env, cwd=str(flow_home),
+                         config=[("config", str(all_off_config(tiny_config, home)))]).run(
+            **OFF, dataset=str(data), deepspeed_config="") as running:
+        assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
+        return running.run, running.stdout
 
 
 @pytest.fixture(scope="session")
