@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,6 @@ from tests.conftest import (
     card_components,
     chromium_flags,
     component_types,
-    flow_env,
-    metaflow_runner,
     needs_chromium,
     nvml_gpu_count,
     python_env,
@@ -25,17 +22,7 @@ from tests.conftest import (
     wait_for_exit,
 )
 
-FLOW = REPO / "flows" / "dolly_flow.py"
-SHIM = REPO / "tests" / "gpu_profile" / "nvml_shim"
 ARTIFACTS = REPO / "test-artifacts"
-
-
-def run_tiny_flow(tiny_config: Path, flow_home: Path, **env: str):
-    """The tiny flow, trained only as long as the profile needs samples: 2 steps, no answers."""
-    with metaflow_runner(str(FLOW), show_output=False, env={**flow_env(flow_home), **env}, cwd=str(flow_home),
-                         config=[("config", str(tiny_config))]).run(max_steps=2, eval_instructions="none") as running:
-        assert running.status == "successful", running.stdout[-4000:] + running.stderr[-4000:]
-        return running.run
 
 
 def profile_card_html(task) -> str:
@@ -66,10 +53,10 @@ def test_cpu_node_card_shows_host_and_why_no_gpu(cpu_run):
         assert "No NVIDIA GPU visible" in text and "NVML" in text
 
 
-def test_simulated_four_gpu_node_gets_one_chart_set_per_gpu(tiny_config, flow_home):
-    run = run_tiny_flow(tiny_config, flow_home,
-                        PYTHONPATH=os.pathsep.join([str(SHIM), str(SHIM.parent), flow_env(flow_home)["PYTHONPATH"]]))
-    task = run["train"].task
+def test_simulated_four_gpu_node_gets_one_chart_set_per_gpu(all_off_run):
+    """The flow trained (2 steps, no answers: all the profile needs) with NVML answered by
+    tests/gpu_profile/nvml_shim, a simulated 4-GPU node (`all_off_run` in tests/conftest.py)."""
+    task = all_off_run[0]["train"].task
     data = task.data.gpu_profile_data
     assert task.data.gpu_profile_num_gpus == 4
     assert [d["name"] for d in data["devices"]] == ["NVIDIA A100-SXM4-80GB"] * 4
@@ -140,7 +127,6 @@ def test_card_renders_charts_in_a_real_browser(cpu_run, tmp_path):
 
 def test_sigterm_stops_the_profiled_task_promptly(tmp_path):
     """A preempted pod gets SIGTERM: the sampler and card threads must not keep the task alive."""
-    import os
     import signal
     import time
 

@@ -5,43 +5,29 @@ without merge (the adapter is the model), no S3 (checkpoints and model on local 
 a 12-step epoch, and for DollyFlow no DeepSpeed. Each flow runs once, as cheaply
 as it can: the tiny model, 2 steps, one sweep point.
 
-DollyFlow's run also reads its data from a directory named like the attack of issue 22
-(`data<img src=x onerror=...>`): its `end` card, opened in headless Chromium, shows the name as
-text and runs nothing.
+DollyFlow's run (`all_off_run` in tests/conftest.py) also reads its data from a directory named
+like the attack of issue 22 (`data<img src=x onerror=...>`): its `end` card, opened in headless
+Chromium, shows the name as text and runs nothing. It runs on a simulated 4-GPU node too, for
+tests/test_gpu_profile_flow.py, which changes none of the outputs checked here.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import (
+    OFF,
     REPO,
+    all_off_config,
     card_components,
     chromium_flags,
     flow_env,
     metaflow_runner,
     needs_chromium,
     of_type,
-    write_config,
 )
-from tests.unit.test_card_escaping import IMG
-
-OFF = {"max_steps": 2, "eval_instructions": "none"}  # Runner arguments: the flow's parameters
-
-
-def all_off_config(tiny_config: Path, directory: Path, **top: object) -> Path:
-    """The tiny config with LoRA and no merge (and ``top`` level keys such as num_nodes)."""
-    path = Path(write_config(tiny_config, directory, peft="lora", merge_adapter=False))
-    config = json.loads(path.read_text())
-    config.update(top)
-    path.write_text(json.dumps(config))
-    return path
 
 
 def run_flow(flow: str, config: Path, flow_home: Path, **parameters: object):
@@ -79,26 +65,16 @@ def assert_nothing_optional_was_made(run, log: str, *, summary_card: bool = True
         assert "adapter only" in summary["Method"]
 
 
-@pytest.fixture(scope="module")
-def dolly_run(tiny_config, small_dataset_dir, flow_home, tmp_path_factory):
-    """DollyFlow with everything optional off, on data in a directory named like an attack."""
-    home = tmp_path_factory.mktemp("all-off")
-    data = home / f"data{IMG}"
-    shutil.copytree(small_dataset_dir, data)
-    return run_flow("dolly_flow.py", all_off_config(tiny_config, home), flow_home, dataset=str(data),
-                    deepspeed_config="")
-
-
-def test_dolly_flow_ends_green(dolly_run):
-    run, log = dolly_run
+def test_dolly_flow_ends_green(all_off_run):
+    run, log = all_off_run
     assert_nothing_optional_was_made(run, log)
     end = run["end"].task
     assert end.data.checkpoint_manifest == {} and cells(card_html(end, "summary"))["DeepSpeed"] == "off"
 
 
 @needs_chromium
-def test_end_card_shows_a_hostile_data_set_name_as_text_in_a_browser(dolly_run, tmp_path):
-    run, _ = dolly_run
+def test_end_card_shows_a_hostile_data_set_name_as_text_in_a_browser(all_off_run, tmp_path):
+    run, _ = all_off_run
     page = tmp_path / "summary_card.html"
     page.write_text(card_html(run["end"].task, "summary"))
     dom = subprocess.run([*chromium_flags(tmp_path / "chromium", (1200, 1200)), "--dump-dom", page.as_uri()],
