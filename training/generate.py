@@ -10,9 +10,10 @@ model's saved chat template says which (see :func:`prompt_format_of`).
     python -m training.generate --model outputs/lora-adapter "What is a haiku?"   # LoRA adapter alone
     python -m training.generate --model s3://bucket/DollyFlow/17644/model "What is a haiku?"
 
-    from training.generate import load_for_generation, generate_response
+    from training.generate import load_for_generation, generate_response, generate_responses
     model, tokenizer = load_for_generation("outputs/dolly")
     print(generate_response(model, tokenizer, "What is a haiku?").text)
+    answers = generate_responses(model, tokenizer, [("What is a haiku?", ""), ("Summarize this.", "Paris is ...")])
 """
 
 from __future__ import annotations
@@ -123,26 +124,60 @@ def generate_response(
     top_p: float = 0.92,
 ) -> Generation:
     """Answer one instruction in the model's prompt format; greedy decoding unless ``do_sample``."""
+    return generate_responses(model, tokenizer, [(instruction, context)], system=system, max_new_tokens=max_new_tokens,
+                              do_sample=do_sample, temperature=temperature, top_p=top_p)[0]
+
+
+def generate_responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[tuple[str, str]],
+    *,
+    batch_size: int = 8,
+    system: str = "",
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.92,
+) -> list[Generation]:
+    """Answer ``(instruction, context)`` pairs, ``batch_size`` per ``generate`` call, in order.
+
+    One call per batch of ``batch_size`` (the last one shorter): ``ceil(len(prompts) /
+    batch_size)`` calls, which ``answer_all`` relies on to keep ZeRO-3 ranks in step.
+
+    A batch is padded on the left with the pad token and masked, so every prompt ends where its
+    answer starts and generate counts each row's positions from its first real token (from the
+    attention mask): greedy answers are those of one prompt at a time. On CPU in float32 they
+    are the same token for token (tests/unit/test_batched_answers.py, and the bundled
+    SmolLM2's on the shipped instructions, benchmarks/eval_answers.py); in half precision a
+    near-tie between two tokens can break the other way, as any change of batch shape can.
+    A row that has ended gets pad tokens until the batch's longest answer ends; each answer is
+    cut at its first stop token, as one prompt alone would have stopped there.
+    """
     import torch
 
     stop_ids = stop_token_ids(tokenizer)
-    prompt_ids = torch.tensor([encode_instruction(tokenizer, instruction, context, system)], device=model.device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
-            **sampling,
-        )
-    new = output[0, prompt_ids.shape[1] :].tolist()
-    ended = any(token in stop_ids for token in new)
-    if ended:
-        new = new[: min(new.index(t) for t in stop_ids if t in new)]
-    text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return Generation(text=text, ended=ended, new_tokens=len(new))
+    encoded = [encode_instruction(tokenizer, instruction, context, system) for instruction, context in prompts]
+    results = []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        # Padded here from the ids, on the left: the tokenizer (right-padding, for training) is untouched.
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=model.device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch],
+                                      device=model.device)
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                    eos_token_id=stop_ids, pad_token_id=pad_id, **sampling)
+        for row in output[:, width:].tolist():
+            ended = any(token in stop_ids for token in row)
+            if ended:
+                row = row[: min(row.index(t) for t in stop_ids if t in row)]
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            results.append(Generation(text=text, ended=ended, new_tokens=len(row)))
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,9 +215,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, "error: --system: this model was tuned in the Dolly format (a fixed intro, no system "
                        "prompt); drop --system.\n")
     marker = end_marker(tokenizer)
-    for number, instruction in enumerate(args.instruction):
-        result = generate_response(model, tokenizer, instruction, args.context, system=args.system,
-                                   max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+    # All instructions in one batch (a command line holds a handful).
+    results = generate_responses(model, tokenizer, [(instruction, args.context) for instruction in args.instruction],
+                                 batch_size=len(args.instruction), system=args.system,
+                                 max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+    for number, (instruction, result) in enumerate(zip(args.instruction, results, strict=True)):
         if len(args.instruction) > 1:
             print(f"{'' if number == 0 else chr(10)}### {instruction}")
         print(result.text)

@@ -351,8 +351,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     generation_eval = None
     if eval_rows_for_generation:
         # Every rank answers its share; under ZeRO-3 the ranks generate together (sharded weights).
+        # In batches of --per_device_eval_batch_size, no flag of its own: it is already sized to
+        # the device for the eval loss's forward passes (max_seq_length tokens, logits at every
+        # position), which bound generation's (short prompts plus eval_max_new_tokens, logits
+        # at the last position only), and the flow's eval_batch_size sets it on every config.
         generation_eval = evaluation_callback(eval_rows_for_generation, tokenizer, train_args.eval_max_new_tokens,
-                                              on_point=stream.evaluation_point)
+                                              on_point=stream.evaluation_point,
+                                              batch_size=train_args.per_device_eval_batch_size)
         callbacks.append(generation_eval)
     uploader = None
     if train_args.s3_uri:  # reachable and readable: _s3_access_problems listed it before the data loaded
