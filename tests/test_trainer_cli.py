@@ -39,22 +39,16 @@ def test_help_lists_every_argument_with_help_text():
     assert "runs code from" in result.stdout.lower() or "remote code" in result.stdout.lower()
 
 
-def test_tiny_model_trains_saves_and_loads(tiny_model_dir, small_dataset_dir, tmp_path):
-    out = tmp_path / "out"
-    result = run([
-        *TRAINER, "--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir),
-        "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-3", "--logging_steps", "2", "--max_seq_length", "1024",
-        "--cache_dir", str(tmp_path / "cache"),
-    ], env=python_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "no-ops-built")))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_tiny_model_trains_saves_and_loads(plain_trainer_run):
+    """2 epochs of 12 steps without DeepSpeed (`plain_trainer_run` in tests/conftest.py)."""
+    out, result = plain_trainer_run
     # No DeepSpeed, so no word of building its CPU op, although none is built in that folder.
     assert "DeepSpeed compiles" not in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("eval_loss_before", "eval_loss_after", "train_loss", "train_runtime_s", "tokens_per_second",
                 "global_step", "tokens", "train_rows", "eval_rows", "dropped_long_rows"):
         assert key in metrics, key
-    assert metrics["global_step"] == 6
+    assert metrics["global_step"] == 24
     assert (metrics["train_rows"], metrics["eval_rows"], metrics["dropped_long_rows"]) == (48, 16, 0)
     assert all(math.isfinite(metrics[k]) for k in ("eval_loss_before", "eval_loss_after", "train_loss"))
     assert metrics["tokens"] > 0 and metrics["tokens_per_second"] > 0
@@ -109,16 +103,36 @@ def test_bad_inputs_stop_before_loading_anything(tmp_path):
     assert f"{bad} line 2: not valid JSON" in result.stderr
 
 
-def test_deepspeed_zero2_one_cpu_rank_through_the_launcher(tiny_model_dir, small_dataset_dir, tmp_path):
-    out = tmp_path / "out"
-    launcher = Path(sys.executable).parent / "deepspeed"
-    result = run([
-        str(launcher), "--num_gpus", "1", "--master_port", free_port(), "--module", "training.trainer",
-        "--deepspeed", "ds_configs/zero2.json", "--base_model", str(tiny_model_dir),
-        "--dataset", str(small_dataset_dir), "--output_dir", str(out), "--max_steps", "4",
-        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--cache_dir", str(tmp_path / "cache"),
+def zero2(tiny_model_dir: Path, small_dataset_dir: Path, out: Path, peft: str, *args: str) -> subprocess.CompletedProcess:
+    """The trainer under DeepSpeed ZeRO-2 on one CPU rank, through the `deepspeed` launcher."""
+    return run([
+        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", free_port(),
+        "--module", "training.trainer", "--deepspeed", "ds_configs/zero2.json", "--base_model", str(tiny_model_dir),
+        "--dataset", str(small_dataset_dir), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--logging_steps", "1", "--eval_instructions", "none", "--cache_dir", str(out.parent / "cache"),
+        "--peft", peft, "--learning_rate", "1e-3", *args,
     ])
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def zero2_first_runs(tiny_model_dir, small_dataset_dir, tmp_path_factory):
+    """``first(peft)``: (the output directory, the result) of 4 steps under ZeRO-2 with a checkpoint
+    every 2, run once per --peft for the tests below."""
+    runs: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def first(peft: str) -> tuple[Path, subprocess.CompletedProcess]:
+        if peft not in runs:
+            out = tmp_path_factory.mktemp(f"zero2-{peft}") / "first"
+            result = zero2(tiny_model_dir, small_dataset_dir, out, peft, "--max_steps", "4", "--save_steps", "2")
+            assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+            runs[peft] = out, result
+        return runs[peft]
+
+    return first
+
+
+def test_deepspeed_zero2_one_cpu_rank_through_the_launcher(zero2_first_runs):
+    out, result = zero2_first_runs("none")
     assert "DeepSpeed" in result.stdout + result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and metrics["world_size"] == 1
@@ -159,7 +173,7 @@ def test_deepspeed_zero3_saves_a_full_model(tiny_model_dir, small_dataset_dir, t
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_deepspeed_resumes_from_a_local_checkpoint_and_refuses_one_with_a_pickle_payload(
-        tiny_model_dir, small_dataset_dir, tmp_path, peft):
+        tiny_model_dir, small_dataset_dir, zero2_first_runs, tmp_path, peft):
     """`--resume_from <a checkpoint folder>` under DeepSpeed ZeRO-2 continues at the step it saved,
     with every load weights_only (DeepSpeed's own asks for weights_only=False), for a full model
     and a LoRA adapter. The same folder with a crafted mp_rank_00_model_states.pt is refused, the
@@ -167,20 +181,11 @@ def test_deepspeed_resumes_from_a_local_checkpoint_and_refuses_one_with_a_pickle
     from tests.unit.test_safe_loading import write_payload
     from training.safe_loading import TRAINING_ARGS, unsafe_pickles
 
-    launcher = Path(sys.executable).parent / "deepspeed"
-
     def deepspeed(output: str, *args: str) -> subprocess.CompletedProcess:
-        return run([
-            str(launcher), "--num_gpus", "1", "--master_port", free_port(), "--module", "training.trainer",
-            "--deepspeed", "ds_configs/zero2.json", "--base_model", str(tiny_model_dir),
-            "--dataset", str(small_dataset_dir), "--output_dir", str(tmp_path / output),
-            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_instructions", "none",
-            "--cache_dir", str(tmp_path / "cache"), "--peft", peft, "--learning_rate", "1e-3", *args,
-        ])
+        return zero2(tiny_model_dir, small_dataset_dir, tmp_path / output, peft, *args)
 
-    first = deepspeed("first", "--max_steps", "2", "--save_steps", "2")
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
-    checkpoint = tmp_path / "first" / "checkpoints" / "checkpoint-2"
+    first, _ = zero2_first_runs(peft)  # 4 steps, checkpoint-2 and checkpoint-4
+    checkpoint = first / "checkpoints" / "checkpoint-2"
     assert unsafe_pickles(checkpoint) == []  # the allowlist takes every file the trainer wrote
 
     resumed = deepspeed("second", "--max_steps", "4", "--resume_from", str(checkpoint))
