@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,15 +40,9 @@ def test_bad_instruction_files_name_file_and_line(tmp_path, content, expected):
         load_eval_instructions(tmp_path / "missing.jsonl")
 
 
-def test_trainer_answers_before_training_after_each_epoch(tiny_model_dir, small_dataset_dir, tmp_path):
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "training.trainer", "--base_model", str(tiny_model_dir), "--dataset",
-         str(small_dataset_dir), "--output_dir", str(out), "--epochs", "2", "--per_device_train_batch_size", "8",
-         "--max_seq_length", "1024", "--eval_max_new_tokens", "8", "--cache_dir", str(tmp_path / "cache")],
-        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_trainer_answers_before_training_after_each_epoch(plain_trainer_run):
+    """2 epochs of 12 steps (`plain_trainer_run` in tests/conftest.py), answers of 8 tokens at most."""
+    out, result = plain_trainer_run
     metrics = json.loads((out / "metrics.json").read_text())
     labels = [point["label"] for point in metrics["evaluation"]]
     assert labels == ["base", "epoch 1", "epoch 2"]
@@ -71,7 +64,8 @@ def test_trainer_answers_before_training_after_each_epoch(tiny_model_dir, small_
     assert "[trainer] evaluation base:" in result.stdout
 
 
-def test_zero3_two_ranks_share_the_answers_and_match_one_process(tiny_model_dir, small_dataset_dir, tmp_path):
+def test_zero3_two_ranks_share_the_answers_and_match_one_process(tiny_model_dir, small_dataset_dir, plain_trainer_run,
+                                                                 tmp_path):
     """Two CPU ranks under ZeRO-3 (sharded weights) answer like one plain process would."""
     common = ["--base_model", str(tiny_model_dir), "--dataset", str(small_dataset_dir), "--max_steps", "2",
               "--per_device_train_batch_size", "4", "--max_seq_length", "1024", "--eval_max_new_tokens", "8",
@@ -88,7 +82,8 @@ def test_zero3_two_ranks_share_the_answers_and_match_one_process(tiny_model_dir,
     launcher = str(Path(sys.executable).parent / "deepspeed")
     sharded, log = train(launcher, "--num_gpus", "2", "--master_port", free_port(), "--module", "training.trainer",
                          "--deepspeed", "ds_configs/zero3.json", out="zero3")
-    plain, _ = train(sys.executable, "-m", "training.trainer", out="plain")
+    # One plain process: the same model, data, batch size and answer length (and 2 epochs).
+    plain = json.loads((plain_trainer_run[0] / "metrics.json").read_text())
     assert sharded["world_size"] == 2
     # The same base model (new-token embeddings initialised on the gathered ZeRO-3 weights).
     assert math.isfinite(sharded["eval_loss_before"])
