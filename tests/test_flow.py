@@ -119,9 +119,10 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
              "has no chat template. Set one with --chat-template chatml (adds <|im_start|>/<|im_end|>)"],
         ),
         # A typo in the config's training section is an error, not a silently ignored setting.
-        "row without a response, unknown config key, LoRA settings, sequence length": (
-            write_config(tiny_config, tmp, gradient_checkpoint=True, lora_r=0,
-                         lora_target_modules="q_proj,query_key_value", max_seq_length=1_000_000_000),
+        # A multi-node preset (num_nodes 2) is refused by DollyFlow, which trains on one node.
+        "row without a response, unknown config key, LoRA settings, sequence length, nodes": (
+            two_nodes(write_config(tiny_config, tmp, gradient_checkpoint=True, lora_r=0,
+                                   lora_target_modules="q_proj,query_key_value", max_seq_length=1_000_000_000)),
             ["--dataset", str(no_response), "--peft", "qlora", "--deepspeed-config", "ds_configs/zero3.json"],
             ["noresp.jsonl line 2: no 'response' (Dolly schema), 'output' (Alpaca)",
              "noresp.jsonl line 3: a conversation with 4 turns; the Dolly prompt format holds one user turn",
@@ -132,15 +133,24 @@ def bad_input_runs(tiny_config: Path, tmp: Path) -> dict[str, tuple[str, list[st
              "its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or use all-linear)",
              "--peft qlora cannot run under ZeRO-3 (--deepspeed-config ds_configs/zero3.json)",
              "config training.max_seq_length: 1000000000 is more than ",
-             " takes (1024 positions); use config training.max_seq_length 1024 or less."],
+             " takes (1024 positions); use config training.max_seq_length 1024 or less.",
+             "num_nodes is 2: run this preset with flows/dolly_multinode_flow.py"],
         ),
     }
+
+
+def two_nodes(config: str) -> str:
+    """``config`` with num_nodes 2 (a multi-node preset)."""
+    values = json.loads(Path(config).read_text())
+    values["num_nodes"] = 2
+    Path(config).write_text(json.dumps(values))
+    return config
 
 
 @pytest.mark.parametrize("case", ["numbers, instructions and DeepSpeed config on the default preset",
                                   "missing data, numbers, model, DeepSpeed, instructions",
                                   "unreadable data, missing instructions, chat without a template",
-                                  "row without a response, unknown config key, LoRA settings, sequence length"])
+                                  "row without a response, unknown config key, LoRA settings, sequence length, nodes"])
 def test_bad_inputs_stop_in_start(tiny_config, flow_home, tmp_path, case):
     config, args, expected = bad_input_runs(tiny_config, tmp_path)[case]
     returncode, output = run_flow(config, flow_home, *args)
