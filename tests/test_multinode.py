@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, card_components, flow_env, metaflow_runner, python_env, run_bounded
+from tests.conftest import REPO, card_components, flow_env, metaflow_runner, python_env
 from tests.test_deploy import IMAGE, argo_json
 
 FLOW = REPO / "flows" / "dolly_multinode_flow.py"
@@ -50,17 +50,6 @@ def test_two_nodes_train_one_model_published_by_node_0(two_node_run, flow_home):
     texts = {task.data.node_index: json.dumps(card_components(get_cards(task, id="training")[0].get()))
              for task in tasks}
     assert "node 0's `training` card" in texts[1] and "Evaluation" in texts[0]
-
-
-def test_single_node_flow_refuses_a_multi_node_preset(tiny_config, flow_home, tmp_path):
-    config = json.loads(tiny_config.read_text())
-    config["num_nodes"] = 2
-    path = tmp_path / "two.json"
-    path.write_text(json.dumps(config))
-    result = run_bounded([sys.executable, str(REPO / "flows" / "dolly_flow.py"), "--config", "config", str(path), "run"],
-                         cwd=flow_home, env=flow_env(flow_home), timeout=300)
-    assert result.returncode != 0
-    assert "num_nodes is 2: run this preset with flows/dolly_multinode_flow.py" in result.stdout + result.stderr
 
 
 def test_a100x4x2_compiles_to_a_jobset_of_control_and_workers(s3_env, s3_bucket_name, tmp_path):
