@@ -15,7 +15,9 @@ import pytest
 
 from tests.conftest import REPO, card_components, flow_env, metaflow_runner, write_jsonl
 
-pytestmark = pytest.mark.slow
+# ~2.5 min alone on 2 cores, up to 8 with the other test worker and other work on the machine: the
+# run and the test that starts it are bounded like the default run (tests/test_default_run.py).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 MAX_NEW_TOKENS = 48
 INSTRUCTIONS = [
     {"instruction": "What is a random forest?"},
@@ -37,7 +39,8 @@ def chat_run(tmp_path_factory):
     (home / "config.json").write_text(json.dumps(config))
     instructions = write_jsonl(home / "instructions.jsonl", INSTRUCTIONS)
     with metaflow_runner(str(REPO / "flows" / "dolly_flow.py"), show_output=False, env=flow_env(home), cwd=str(home),
-                         config=[("config", str(home / "config.json"))]).run(eval_instructions=str(instructions)) as running:
+                         config=[("config", str(home / "config.json"))],
+                         timeout=1500).run(eval_instructions=str(instructions)) as running:
         assert running.status == "successful", running.stdout[-5000:] + running.stderr[-5000:]
         return running.run
 

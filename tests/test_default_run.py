@@ -10,6 +10,7 @@ in a plain transformers pipeline given chat messages.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,13 +29,15 @@ pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts"
 
 
-@pytest.mark.timeout(1800)  # ~7 min on 2 cores; the flow run alone is bounded at 25 min
+# ~7 min on 2 cores, ~9 beside the other test worker (-n 2): the flow run is bounded at 40 min,
+# room for a machine 3x slower.
+@pytest.mark.timeout(2700)
 def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
     env = python_env(METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path))
     # Runner runs `python flows/dolly_flow.py run` with no arguments, in its own process.
     started = time.perf_counter()
     with metaflow_runner(str(REPO / "flows" / "dolly_flow.py"), show_output=False, env=env, cwd=str(tmp_path),
-                         timeout=1500).run() as running:
+                         timeout=2400).run() as running:
         assert running.status == "successful", running.stdout[-5000:] + running.stderr[-5000:]
         run = running.run
     wall_s = time.perf_counter() - started
@@ -50,10 +53,13 @@ def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
     assert types["image"] == 2 and types["table"] == 2, types  # the evaluation and the preflight
     evaluation = run["train"].task.data.evaluation
     assert evaluation[0]["label"] == "base" and len(evaluation) >= 2
-    # The README's figures for the main job come from here (and from any rerun of it).
+    # The README's figures for the main job come from here (and from any rerun of it). With
+    # `test_workers` over 1 (pytest's -n 2), other tests may have run beside it and slowed it: for
+    # the README's times, run `pytest tests/test_default_run.py -n 0`.
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "default_run.json").write_text(json.dumps({
         "wall_s": wall_s,
+        "test_workers": int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")),
         "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
         "evaluation": [{k: p[k] for k in ("label", "ended_share", "mean_new_tokens", "seconds")} for p in evaluation],
     }, indent=1))
