@@ -172,9 +172,12 @@ def test_trainer_failure_fails_the_train_step_with_the_trainers_error(tiny_confi
 
     # The failed step still has its profile: artifacts and a rendered gpu_profile card.
     monkeypatch.setenv("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(flow_home))
-    from metaflow import Flow, namespace
+    from metaflow import Flow, metadata, namespace
     from metaflow.cards import get_cards
 
+    # The client reads the environment once, when Metaflow is first imported: under xdist another
+    # test of this worker may have imported it with another datastore root. Point it here.
+    metadata(f"local@{flow_home}")
     namespace(None)
     run_id = re.search(r"Workflow starting \(run-id (\w+)\)", output).group(1)
     task = Flow("DollyFlow")[run_id]["train"].task
