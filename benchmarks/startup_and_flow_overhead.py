@@ -185,11 +185,11 @@ def flow_overhead(work: Path, model: Path, data: Path, code: Path, label: str, l
     launched = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=home, env=env)
     lines = lines_with_times(process)
-    code_ = process.wait()
+    exit_code = process.wait()
     ended = time.time()
     if log:
         Path(f"{log}.{label}").write_text("".join(f"{arrived - launched:8.2f}  {text}\n" for arrived, text in lines))
-    if code_ != 0:
+    if exit_code != 0:
         raise RuntimeError(f"the flow ({label}) failed:\n" + "\n".join(t for _, t in lines[-40:]))
 
     by_step: dict[str, list[tuple[float, str]]] = {}

@@ -633,7 +633,7 @@ def _exit_without_teardown() -> None:
     """End the process here once train() returned, without the interpreter's teardown.
 
     Everything is written and closed by then (model, metrics, logs; uploads finished in train()),
-    and the atexit handlers still run; what is skipped is Py_Finalize, which costs two reasons:
+    and the atexit handlers still run; what is skipped is Py_Finalize, for two reasons:
     - time: 2-3 s of every run on 2 cores after the last line is printed (torch's and DeepSpeed's
       modules and threads torn down one by one; measured with the tiny model, where the whole
       train() takes about as long);

@@ -3,6 +3,7 @@ the facts read without importing torch, the plan taken over from `start`'s recor
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -50,7 +51,7 @@ assert record["facts"]["gpus"] == [] and record["facts"]["torch_version"], recor
 print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
-                            env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
 
