@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from training.model_facts import ModelFactsCache
 from training.preflight import (
     Finding,
     HardwareFacts,
@@ -19,7 +20,6 @@ from training.preflight import (
     check,
     declared_facts,
     gather_node_facts,
-    model_size_from_config,
     plan_from_args,
     plan_from_record,
     preflight_record,
@@ -30,12 +30,10 @@ SIZE_RULES = ("gpu-memory", "cpu-memory", "disk")
 
 
 def training_plan(model_args: Any, data_args: Any, train_args: Any, model_path: str) -> tuple[TrainingPlan, list[Finding]]:
-    """The plan, with the model's size read from its config (no weights loaded)."""
+    """The plan, with the model's size read from its config (no weights loaded; kept in the
+    cache folder, so a later run of the same model reads it without importing torch)."""
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_args.trust_remote_code)
-        size = model_size_from_config(config, trust_remote_code=model_args.trust_remote_code)
+        size = ModelFactsCache(data_args.cache_dir).size(model_path, trust_remote_code=model_args.trust_remote_code)
         return plan_from_args(model_args, data_args, train_args, **size), []
     except Exception as err:  # an unreachable hub on a laptop must not stop start: say so instead
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

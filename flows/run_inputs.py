@@ -111,7 +111,7 @@ class InputChecker:
                 problems.append(problem)
             else:
                 model_resolved = True
-                problems += peft_problems(model_args, resolved_model)
+                problems += peft_problems(model_args, resolved_model, data_args.cache_dir)
                 problems += self._max_seq_length_problems(model_args, data_args, resolved_model)
                 if data_args.prompt_format == "chat" and not check_chat_template_setting(
                         data_args.prompt_format, data_args.chat_template):
@@ -150,15 +150,16 @@ class InputChecker:
 
     def _max_seq_length_problems(self, model_args: Any, data_args: Any, model_path: str) -> list[str]:
         """--max_seq_length against the model's positions, read as the trainer reads them (from
-        the tokenizer ``load_tokenizer`` sets up); the tokenizer is loaded once per model, not
-        once per sweep point."""
+        the tokenizer ``load_tokenizer`` sets up); once per model, not once per sweep point, and
+        from the cache folder when an earlier run read this model (``ModelFactsCache``)."""
         from training.arguments import max_seq_length_problem
-        from training.base_model import load_tokenizer, max_positions
+        from training.model_facts import ModelFactsCache
 
         key = (model_path, model_args.trust_remote_code)
         if key not in self._positions:
             try:
-                self._positions[key] = max_positions(load_tokenizer(model_path, trust_remote_code=key[1]))
+                self._positions[key] = ModelFactsCache(data_args.cache_dir).positions(
+                    model_path, trust_remote_code=key[1])
             except OSError:  # a hub model on a laptop without hub access: the trainer checks before loading it
                 self._positions[key] = None
         problem = max_seq_length_problem(data_args.max_seq_length, self._positions[key], model_args.base_model)

@@ -30,7 +30,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from training.memory_estimate import LinearLayers
 
 ADAPTER_DIR = "adapter"  # under a merged model's directory
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,13 +78,13 @@ def quiet_missing_cpu_kernel_warning() -> None:
         lambda record: not str(record.msg).startswith(CPU_KERNEL_WARNING))
 
 
-def peft_problems(model_args: Any, model_path: str) -> list[str]:
+def peft_problems(model_args: Any, model_path: str, cache_dir: str = "") -> list[str]:
     """What stops ``--peft`` on this model here, found without loading weights: target modules
-    the model does not have (with the names it has), QLoRA without bitsandbytes."""
-    from transformers import AutoConfig
-
+    the model does not have (with the names it has), QLoRA without bitsandbytes. The model's
+    linear layers come from ``ModelFactsCache(cache_dir)``: a later run of the same model reads
+    them without importing torch."""
     from training.arguments import lora_target_modules
-    from training.memory_estimate import meta_model
+    from training.model_facts import ModelFactsCache
 
     if model_args.peft == "none":
         return []
@@ -93,22 +96,21 @@ def peft_problems(model_args: Any, model_path: str) -> list[str]:
     if targets == "all-linear" or not targets:
         return problems
     try:
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_args.trust_remote_code)
+        size = ModelFactsCache(cache_dir).size(model_path, trust_remote_code=model_args.trust_remote_code)
     except OSError:
         # A hub model's config out of reach from here (a laptop without hub access): the
         # trainer checks the same names when it loads the model, before training.
         return problems
-    model = meta_model(config, trust_remote_code=model_args.trust_remote_code)
-    if problem := missing_targets(model, targets, model_args.base_model):
+    if size["linear_layers"] is not None and (
+            problem := missing_targets(size["linear_layers"], targets, model_args.base_model)):
         problems.append(problem)
     return problems
 
 
-def missing_targets(model: Any, targets: list[str], model_name: str) -> str | None:
-    """The problem with target module names the model does not have, listing those it has."""
-    from training.memory_estimate import linear_layers
-
-    available = sorted(linear_layers(model).in_features)
+def missing_targets(layers: LinearLayers, targets: list[str], model_name: str) -> str | None:
+    """The problem with target module names the model (its ``linear_layers``) does not have,
+    listing those it has."""
+    available = sorted(layers.in_features)
     missing = [name for name in targets if name not in available]
     if not missing:
         return None
@@ -130,9 +132,10 @@ def apply_lora(model: Any, tokenizer: Any, model_args: Any, *, quantized: bool) 
 
     from training.arguments import lora_target_modules
     from training.base_model import recipe_tokens
+    from training.memory_estimate import linear_layers
 
     targets = lora_target_modules(model_args.lora_target_modules)
-    if targets != "all-linear" and (problem := missing_targets(model, targets, model_args.base_model)):
+    if targets != "all-linear" and (problem := missing_targets(linear_layers(model), targets, model_args.base_model)):
         raise ValueError(problem)
     token_ids = sorted({tokenizer.convert_tokens_to_ids(token) for token in recipe_tokens(tokenizer)})
     embeddings = model.get_input_embeddings()
