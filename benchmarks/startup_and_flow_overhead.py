@@ -3,6 +3,7 @@
     python benchmarks/startup_and_flow_overhead.py            # tiny model, SmolLM2, the flow (~1.5 min on 2 idle cores)
     python benchmarks/startup_and_flow_overhead.py --quick    # tiny model and the flow only (~1 min)
     python benchmarks/startup_and_flow_overhead.py --quick --before 669db25   # that revision's flow beside today's
+    python benchmarks/startup_and_flow_overhead.py --quick --repeat 5         # medians of 5 later runs
 
 (a) Start-up. Launches the trainer as ``python -m training.trainer ... --max_steps 1
 --logging_steps 1`` does (through runpy, after a line that timestamps the end of the imports),
@@ -34,8 +35,11 @@ subtracts the trainer subprocess's wall time: from the train task's ``Launching:
 "The trainer exited with code 0" line (both printed around the subprocess). metrics.json's
 ``total_runtime_s`` (train() from after its imports to metrics written) is shown beside it. The
 bare ``import torch, transformers, metaflow`` is timed in the same run: the flow's wall time over it
-is the figure to compare across machines. ``--before REV`` runs that revision's flow too (a git
-worktree, this venv) and prints both side by side.
+is the figure to compare across machines. The flow runs twice in one directory: "1st run" is a
+user's first run of this model, "again" every later one (`start` then reads the model's
+positions, size and linear layers from the cache folder, ``training/model_facts.py``, instead of
+importing torch to build the model on the meta device). ``--before REV`` runs that revision's flow
+too (a git worktree, this venv) and prints its column beside them.
 """
 
 from __future__ import annotations
@@ -167,11 +171,13 @@ def fresh_cache(work: Path, name: str, link_models_from: Path | None = None) -> 
     return cache
 
 
-def flow_overhead(work: Path, model: Path, data: Path, code: Path, label: str, log: str = "") -> dict[str, float]:
+def flow_overhead(work: Path, model: Path, data: Path, code: Path, label: str, log: str = "",
+                  home_of: str = "") -> dict[str, float]:
     """Wall time of the tiny flow run with the code in ``code`` (this checkout or a worktree of an
-    older revision), the trainer subprocess inside it, and the rest by step."""
-    home = work / f"flow-home-{label}"
-    home.mkdir()
+    older revision), the trainer subprocess inside it, and the rest by step. ``home_of``: run in
+    that earlier run's directory (its datastore and cache folder), as a user's next run does."""
+    home = work / f"flow-home-{home_of or label}"
+    home.mkdir(exist_ok=bool(home_of))
     config = json.loads((code / "flows" / "configs" / "local-cpu.json").read_text())
     config.update(name="tiny-bench", base_model=str(model), dataset=str(data), model_root=str(home / "models"))
     config["training"].update(max_steps=4, batch_size=4, eval_batch_size=4, learning_rate=1e-3, logging_steps=1,
@@ -204,7 +210,8 @@ def flow_overhead(work: Path, model: Path, data: Path, code: Path, label: str, l
     # launcher), or that launcher's last line (older revisions).
     trainer_end = next(t for t, text in train if "The trainer exited with code" in text or "exits successfully" in text)
     step1 = first(train, "[trainer] step 1/")
-    metrics = json.loads(next((home / "models").rglob("metrics.json")).read_text())
+    newest = max((home / "models").rglob("metrics.json"), key=lambda path: path.stat().st_mtime)
+    metrics = json.loads(newest.read_text())
     trainer_s = trainer_end - launch
     total = ended - launched
     return {
@@ -240,7 +247,7 @@ def print_flow(results: dict[str, dict[str, float]], bare_s: float) -> None:
     print(f"{'phase (seconds)':<66}" + "".join(f"{label:>14}" for label in results))
     for name in names:
         print(f"{name:<66}" + "".join(f"{r[name]:>14.2f}" for r in results.values()))
-    print(f"{'bare `import torch, transformers, metaflow` (median of 3)':<66}" + f"{bare_s:>14.2f}" * len(results))
+    print(f"{'bare `import torch, transformers, metaflow` (median)':<66}" + f"{bare_s:>14.2f}" * len(results))
     print(f"{'flow run / bare imports':<66}" + "".join(f"{r['flow run, launch to exit'] / bare_s:>13.1f}x"
                                                        for r in results.values()))
     print("(task lines are timed on arrival here; 'first to last line' is Metaflow's 'Task is starting.' "
@@ -255,6 +262,8 @@ def main() -> None:
                         "with its arrival time.")
     parser.add_argument("--before", default="", metavar="REVISION", help="Also run the flow of this git revision "
                         "(a worktree of it, same venv) and print its phases beside today's.")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N", help="Run the flow 'again' N times and print "
+                        "each phase's median (these machines are noisy: one run can be off by 20%%).")
     args = parser.parse_args()
 
     from training.dataset import default_cache_dir
@@ -286,8 +295,13 @@ def main() -> None:
             if args.before:
                 flows[f"before {args.before[:10]}"] = flow_overhead(work, model, data, worktree(args.before, work),
                                                                     "before", args.flow_log)
-            flows["now"] = flow_overhead(work, model, data, REPO, "now", args.flow_log)
-            bare_s = wall([sys.executable, "-c", "import torch, transformers, metaflow"])
+            flows["now, 1st run"] = flow_overhead(work, model, data, REPO, "now", args.flow_log)
+            # The same flow again in the same directory: what a user's next run of this model pays
+            # (start reads the model's facts from the cache folder instead of importing torch).
+            again = [flow_overhead(work, model, data, REPO, "again", args.flow_log, home_of="now")
+                     for _ in range(args.repeat)]
+            flows["now, again"] = {name: statistics.median(run[name] for run in again) for name in again[0]}
+            bare_s = wall([sys.executable, "-c", "import torch, transformers, metaflow"], repeats=max(3, args.repeat))
             print_flow(flows, bare_s)
             if args.before:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=False)
