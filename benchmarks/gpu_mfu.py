@@ -102,7 +102,7 @@ def measure(name: str, *, batch: int, seq: int, warmup: int, steps: int, precisi
 
     from training.batching import PaddingCollator
     from training.progress import PROGRESS_FILE, progress_callback
-    from training.trainer import _progress_callback
+    from training.train_loop import progress_printer
 
     output_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"{name}-"))
     total = warmup + steps
@@ -136,7 +136,7 @@ def measure(name: str, *, batch: int, seq: int, warmup: int, steps: int, precisi
     torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(model=model, args=args, train_dataset=rows,
                       data_collator=PaddingCollator(0, pad_to_multiple_of=8),
-                      callbacks=[progress_callback(output_dir / PROGRESS_FILE), _progress_callback(), Window()])
+                      callbacks=[progress_callback(output_dir / PROGRESS_FILE), progress_printer(), Window()])
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     trainer.train()

@@ -223,7 +223,7 @@ def run_pair(model_path: str, tokenizer: Any, train_set: Any, order: list[int], 
     from training.batching import PaddingCollator
     from training.preemption import PreemptionWatch
     from training.progress import PROGRESS_FILE, progress_callback
-    from training.trainer import _progress_callback
+    from training.train_loop import progress_printer
 
     output_dir = Path(tempfile.mkdtemp(dir=work, prefix="trainer-"))
     total = warmup + steps
@@ -251,7 +251,7 @@ def run_pair(model_path: str, tokenizer: Any, train_set: Any, order: list[int], 
                 engine.step = phases.wrap("optimizer step", engine.step)
 
     stream = progress_callback(output_dir / PROGRESS_FILE)
-    callbacks = [stream, _progress_callback(), PreemptionWatch(25.0).callback()]
+    callbacks = [stream, progress_printer(), PreemptionWatch(25.0).callback()]
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
                       data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=callbacks)

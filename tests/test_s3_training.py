@@ -181,13 +181,13 @@ def test_a_checkpoint_in_s3_with_a_pickle_payload_is_refused_before_the_model_lo
 def test_a_failed_final_upload_says_training_finished_and_where_the_model_is(
         tiny_model_dir, small_dataset_dir, s3_env, s3_bucket_name, tmp_path, monkeypatch, capfd):
     """Also `--resume_from latest` with nothing uploaded yet (an empty prefix): it starts fresh."""
-    from training import trainer
+    from training import train_outputs, trainer
     from training.checkpoint_store import CheckpointStoreError
 
     def upload_fails(output_dir, files, store):
         raise CheckpointStoreError(f"S3 upload failed for {store.uri}: the endpoint went away.")
 
-    monkeypatch.setattr(trainer, "publish_model", upload_fails)
+    monkeypatch.setattr(train_outputs, "publish_model", upload_fails)
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "out" / "logs"))  # the trainer's setdefault
     uri = f"s3://{s3_bucket_name}/finished"
     out = tmp_path / "out"

@@ -78,8 +78,8 @@ def _key_id(tokenizer: Any, key: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(key)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(
-            f"The tokenizer has no special token {key!r}. Call "
-            "training.model_setup.add_dolly_special_tokens(model, tokenizer) first."
+            f"The tokenizer has no special token {key!r}: load it with "
+            "training.base_model.load_tokenizer(path) (prompt_format='dolly' adds the Dolly keys)."
         )
     return token_id
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from training.trainer import STAGING, publish_model, published_files, tensorboard_files
+from training.s3_uploads import STAGING
+from training.train_outputs import publish_model, published_files, tensorboard_files
 
 MODEL_FILES = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json", "chat_template.jinja", "metrics.json"]
