@@ -180,12 +180,8 @@ def main() -> None:
             f"{torch.__version__}). It measures GPU training throughput and MFU; run it on a GPU "
             "machine. Nothing was measured."
         )
-    from training.arguments import (
-        check_attention,
-        flash_attn_version,
-        resolve_precision,
-        resolve_repo_path,
-    )
+    from training.arguments import check_attention, flash_attn_version, resolve_precision
+    from training.paths import resolve_repo_path
 
     device = torch.cuda.get_device_name(0)
     capability = torch.cuda.get_device_capability(0)

@@ -478,8 +478,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from training.arguments import resolve_repo_path
     from training.dataset import default_cache_dir
+    from training.paths import resolve_repo_path
 
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()

@@ -13,15 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from training.model_facts import ModelFactsCache
+from training.plan import TrainingPlan, plan_from_record
 from training.preflight import (
     Finding,
     HardwareFacts,
-    TrainingPlan,
     check,
     declared_facts,
     gather_node_facts,
     plan_from_args,
-    plan_from_record,
     preflight_record,
 )
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from training.memory_estimate import LinearLayers
+    from training.plan import LinearLayers
 
 ADAPTER_DIR = "adapter"  # under a merged model's directory
 ADAPTER_CONFIG = "adapter_config.json"

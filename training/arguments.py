@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from training.base_model import BUNDLED_MODEL, check_base_model
 from training.chat import check_chat_template_setting
 from training.dataset import BUNDLED_DATASET
+from training.paths import resolve_repo_path
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # auto: transformers' choice for the model (sdpa, PyTorch's fused attention, for Llama-like models).
@@ -23,7 +23,6 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 ZERO_STAGES = (0, 1, 2, 3)
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")  # DeepSpeed's OffloadDeviceEnum
 PEFT_METHODS = ("none", "lora", "qlora")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -236,14 +235,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, train_args
-
-
-def resolve_repo_path(path: str) -> Path:
-    """A path as given if it exists, else relative to the repository (``ds_configs/zero2.json``)."""
-    given = Path(path).expanduser()
-    if given.is_absolute() or given.exists():
-        return given
-    return REPO_ROOT / given
 
 
 def check_deepspeed_config(path: str) -> list[str]:

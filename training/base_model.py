@@ -204,7 +204,7 @@ def recipe_tokens(tokenizer: Any) -> list[str]:
     template's (headers, end of turn). New ones start at a sensible embedding (load_model);
     under LoRA their rows train (base models often leave chat tokens untrained)."""
     from training.chat import template_tokens
-    from training.generate import prompt_format_of
+    from training.prompt_format import prompt_format_of
 
     return SPECIAL_KEYS if prompt_format_of(tokenizer) == "dolly" else template_tokens(tokenizer)
 
@@ -257,7 +257,7 @@ def stop_at_end_marker(model: Any, tokenizer: Any) -> None:
     """Make the format's end marker (``### End``, or the chat template's end of turn) the model's
     end of sequence for generation, beside eos: saved in ``generation_config.json``, it makes a
     plain ``pipeline("text-generation", model=dir)`` (and vLLM, TGI) stop there by itself."""
-    from training.generate import stop_token_ids
+    from training.prompt_format import stop_token_ids
 
     model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

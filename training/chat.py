@@ -65,8 +65,8 @@ def read_chat_template(value: str) -> str:
     """The Jinja text ``--chat_template`` names: ``chatml``, or a path to a ``.jinja`` file."""
     if value == CHATML:
         return CHATML_TEMPLATE
-    from training.arguments import resolve_repo_path
     from training.dataset import not_utf8
+    from training.paths import resolve_repo_path
 
     path = resolve_repo_path(value)
     if not path.is_file():

@@ -98,7 +98,8 @@ def answer_all(model: Any, tokenizer: Any, rows: list[dict[str, str]], *, label:
 
     import torch
 
-    from training.generate import end_marker, generate_responses
+    from training.generate import generate_responses
+    from training.prompt_format import end_marker
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)

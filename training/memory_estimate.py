@@ -23,11 +23,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from training.arguments import lora_target_modules
+from training.plan import LinearLayers
 
-if TYPE_CHECKING:  # the plan's fields are read here; preflight imports this module
+if TYPE_CHECKING:
     import torch
 
-    from training.preflight import TrainingPlan
+    from training.plan import TrainingPlan
 
 GIB = 1024**3
 MIB = 1024**2
@@ -86,20 +87,6 @@ def format_gib(n: float) -> str:
 
 
 # --- the model's linear layers (what LoRA adapts and QLoRA quantizes) ---------------------------
-
-
-@dataclass(frozen=True)
-class LinearLayers:
-    """A model's linear layers but the output head, summed by leaf name (q_proj, dense_h_to_4h...).
-
-    Exactly the layers peft's ``all-linear`` adapts and bitsandbytes stores in 4 bits: every
-    ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's linear layer) but the LM head.
-    """
-
-    in_features: dict[str, int]  # leaf name -> in_features summed over every layer of that name
-    out_features: dict[str, int]  # leaf name -> out_features, summed likewise
-    weights: int  # parameters of all their weight matrices (biases not included)
-    largest: int  # parameters of the largest weight matrix
 
 
 def meta_model(config: Any, *, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -474,3 +461,22 @@ def checkpoint_disk_bytes(plan: TrainingPlan, *, cuda: bool) -> tuple[int, int]:
         one_checkpoint = adapter + trainable * OPTIMIZER_CHECKPOINT_BYTES
         final = adapter + (full if plan.merge_adapter else 0)
     return one_checkpoint, (plan.save_total_limit + 1) * one_checkpoint + final
+
+
+def model_size_from_config(config: Any, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Parameter counts and shape of a transformers model config, without loading weights.
+
+    The model is built on the meta device (no memory, no download beyond the config):
+    ``plan_from_args(..., **model_size_from_config(AutoConfig.from_pretrained(name)))``.
+    """
+    model = meta_model(config, trust_remote_code=trust_remote_code)
+    text = config.get_text_config()
+    return {
+        "num_parameters": sum(p.numel() for p in model.parameters()),  # tied weights once
+        # As DeepSpeed's estimate_zero3_model_states_mem_needs_all_live counts "largest layer".
+        "largest_layer_params": max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
+        "hidden_size": getattr(text, "hidden_size", None),
+        "num_layers": getattr(text, "num_hidden_layers", None),
+        "vocab_size": getattr(text, "vocab_size", None),
+        "linear_layers": linear_layers(model),  # for LoRA's and QLoRA's estimates
+    }

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from training.dataset import default_cache_dir
-from training.memory_estimate import LinearLayers
+from training.memory_estimate import model_size_from_config
+from training.plan import LinearLayers
 
 FORMAT = 1  # bump when what is cached, or how it is computed, changes
 MAX_FILE_BYTES = 1 << 20  # a cached record is a few KiB; a model's config.json a few dozen
@@ -65,8 +66,6 @@ class ModelFactsCache:
         layers (for ``plan_from_args(..., **size)``). Raises what reading the config raises."""
         def compute() -> dict[str, Any]:
             from transformers import AutoConfig
-
-            from training.preflight import model_size_from_config
 
             config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
             size = model_size_from_config(config, trust_remote_code=trust_remote_code)

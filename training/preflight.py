@@ -7,8 +7,8 @@ what the config declares can be judged: the precision against the preset's GPU, 
 Each problem comes back as a :class:`Finding` that names what is wrong and the fix; errors stop
 the run, warnings are printed.
 
-    from training.preflight import (check, declared_facts, gather_facts, plan_from_args,
-                                    model_size_from_config, preflight_record, require_ok)
+    from training.memory_estimate import model_size_from_config
+    from training.preflight import check, declared_facts, gather_facts, plan_from_args, preflight_record, require_ok
 
     plan = plan_from_args(model_args, data_args, train_args,
                           **model_size_from_config(AutoConfig.from_pretrained(base_model)))
@@ -22,8 +22,9 @@ the run, warnings are printed.
     record = preflight_record(facts, plan, findings)   # JSON-serialisable: artifact and card
     require_ok(findings)                               # PreflightError listing every error
 
-The memory and disk estimates themselves (what each byte is for) are in
-:mod:`training.memory_estimate`; this module holds the rules that judge them.
+The plan itself is plain data in :mod:`training.plan`; the memory and disk estimates (what each
+byte is for) and the model's shape are in :mod:`training.memory_estimate`; this module holds the
+node's facts and the rules that judge the plan against them.
 
 Messages use the trainer's flags (``--precision``, ``--deepspeed``,
 ``--per_device_train_batch_size``...), like :func:`training.arguments.find_problems`, so the flow's
@@ -45,20 +46,18 @@ from training.arguments import (
     check_deepspeed_config,
     flash_attn_version,
     resolve_precision,
-    resolve_repo_path,
 )
 from training.memory_estimate import (
     GIB,
     MIB,
-    LinearLayers,
     checkpoint_disk_bytes,
     estimate_memory,
     format_gib,
-    linear_layers,
     memory_options,
-    meta_model,
     trainable_parameters,
 )
+from training.paths import resolve_repo_path
+from training.plan import LinearLayers, TrainingPlan
 
 # --- thresholds, each with its reason -----------------------------------------------------------
 
@@ -112,33 +111,6 @@ class HardwareFacts:
     flash_attn_version: str | None = None  # the flash-attn package; None: not installed (or start)
     output_dir: str | None = None
     notes: list[str] = field(default_factory=list)  # why a fact is missing (NVML error, ...)
-
-
-@dataclass
-class TrainingPlan:
-    """What the run will do, as far as memory, disk and precision are concerned."""
-
-    num_parameters: int
-    precision: str = "auto"  # auto, bf16, fp16, fp32 (training.arguments.PRECISIONS)
-    zero_stage: int = 0  # 0 also without DeepSpeed
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    deepspeed_config: str = ""
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_seq_length: int = 256
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "auto"  # training.arguments.ATTENTION_IMPLEMENTATIONS
-    save_total_limit: int = 2
-    hidden_size: int | None = None
-    num_layers: int | None = None
-    vocab_size: int | None = None
-    largest_layer_params: int | None = None  # for ZeRO-3's estimate; default vocab * hidden
-    peft: str = "none"  # none (every weight trains), lora, qlora (training.arguments.PEFT_METHODS)
-    lora_r: int = 16
-    lora_target_modules: str = "all-linear"  # as --lora_target_modules spells it
-    merge_adapter: bool = True  # under lora/qlora: the final model is saved merged too (disk)
-    linear_layers: LinearLayers | None = None  # needed under lora/qlora: what LoRA adapts
 
 
 @dataclass(frozen=True)
@@ -334,25 +306,6 @@ def read_zero_settings(deepspeed_config: str) -> tuple[int, bool, bool]:
         return (zero.get(key) or {}).get("device", "none") != "none"
 
     return int(zero.get("stage", 0)), offloaded("offload_optimizer"), offloaded("offload_param")
-
-
-def model_size_from_config(config: Any, *, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Parameter counts and shape of a transformers model config, without loading weights.
-
-    The model is built on the meta device (no memory, no download beyond the config):
-    ``plan_from_args(..., **model_size_from_config(AutoConfig.from_pretrained(name)))``.
-    """
-    model = meta_model(config, trust_remote_code=trust_remote_code)
-    text = config.get_text_config()
-    return {
-        "num_parameters": sum(p.numel() for p in model.parameters()),  # tied weights once
-        # As DeepSpeed's estimate_zero3_model_states_mem_needs_all_live counts "largest layer".
-        "largest_layer_params": max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
-        "hidden_size": getattr(text, "hidden_size", None),
-        "num_layers": getattr(text, "num_hidden_layers", None),
-        "vocab_size": getattr(text, "vocab_size", None),
-        "linear_layers": linear_layers(model),  # for LoRA's and QLoRA's estimates
-    }
 
 
 def plan_from_args(
@@ -720,16 +673,6 @@ def facts_from_json(data: dict[str, Any]) -> HardwareFacts:
         if data.get(key) is not None:
             data[key] = tuple(data[key])
     return HardwareFacts(**data)
-
-
-def plan_from_record(plan: dict[str, Any]) -> TrainingPlan:
-    """The inverse of ``asdict(plan)`` after a JSON round trip (the ``plan`` of a preflight record)."""
-    from training.memory_estimate import LinearLayers
-
-    plan = dict(plan)
-    if plan.get("linear_layers") is not None:
-        plan["linear_layers"] = LinearLayers(**plan["linear_layers"])
-    return TrainingPlan(**plan)
 
 
 def gather_node_facts(gpus_requested: int, output_dir: str | os.PathLike, num_nodes: int = 1) -> HardwareFacts:

@@ -27,7 +27,7 @@ from training.arguments import (
 from training.chat import setup_problems
 from training.checkpoint_store import CheckpointStoreError, S3CheckpointStore
 from training.evaluation import DEFAULT_EVAL_INSTRUCTIONS, load_eval_instructions
-from training.generate import end_marker, stop_token_ids
+from training.prompt_format import end_marker, stop_token_ids
 from training.s3_uploads import resolve_resume
 from training.safe_loading import unsafe_pickles
 from training.shared_memory import cpu_comm_op_path

@@ -36,15 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from training.adapters import quiet_missing_cpu_kernel_warning
-from training.arguments import (
-    DataArguments,
-    ModelArguments,
-    TrainArguments,
-    parse_args,
-    resolve_repo_path,
-)
+from training.arguments import DataArguments, ModelArguments, TrainArguments, parse_args
 from training.checkpoint_store import CheckpointStoreError
 from training.evaluation import EvalInstructionsError
+from training.paths import resolve_repo_path
 from training.shared_memory import remove_deepspeed_segments
 from training.train_inputs import build_model, check_settings, choose_resume, load_rows, tokenize
 from training.train_loop import final_evaluation, fit, make_callbacks, save

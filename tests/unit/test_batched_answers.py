@@ -84,12 +84,8 @@ def up_to_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
 @pytest.mark.parametrize("batch_size", [2, 8])  # three calls, the last of one row; one call
 @pytest.mark.parametrize("setup", ["dolly", "chat"])
 def test_batched_answers_are_the_one_by_one_answers(setup, batch_size, request, monkeypatch):
-    from training.generate import (
-        generate_response,
-        generate_responses,
-        prompt_format_of,
-        stop_token_ids,
-    )
+    from training.generate import generate_response, generate_responses
+    from training.prompt_format import prompt_format_of, stop_token_ids
 
     model, tokenizer = request.getfixturevalue(setup)
     assert prompt_format_of(tokenizer) == setup

@@ -162,8 +162,8 @@ def test_dolly_rows_become_one_user_turn_with_the_context():
 
 
 def test_dolly_models_carry_a_chat_template_that_renders_their_own_prompt(tiny_tokenizer):
-    from training.generate import encode_instruction, prompt_format_of, stop_token_ids
     from training.prompt import END_KEY, encode_prompt, format_example
+    from training.prompt_format import encode_instruction, prompt_format_of, stop_token_ids
 
     messages = [{"role": "user", "content": "Name a color."}]
     rendered = tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -194,7 +194,7 @@ def test_saved_generation_config_stops_at_the_formats_end(tiny_model_dir, tmp_pa
 
     from transformers import AutoTokenizer
 
-    from training.generate import end_marker, prompt_format_of
+    from training.prompt_format import end_marker, prompt_format_of
 
     reloaded = AutoTokenizer.from_pretrained(tmp_path)  # the format is known from the saved files alone
     assert (prompt_format_of(reloaded), end_marker(reloaded)) == (prompt_format, end)

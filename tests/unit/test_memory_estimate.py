@@ -23,17 +23,11 @@ from training.memory_estimate import (
     checkpoint_disk_bytes,
     estimate_memory,
     lora_trainable_parameters,
+    model_size_from_config,
     trainable_parameters,
 )
-from training.preflight import (
-    GpuFacts,
-    TrainingPlan,
-    check,
-    format_findings,
-    model_size_from_config,
-    plan_from_args,
-    preflight_record,
-)
+from training.plan import TrainingPlan
+from training.preflight import GpuFacts, check, format_findings, plan_from_args, preflight_record
 
 sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow imports them
 from preflight_checks import declared  # noqa: E402

@@ -19,7 +19,7 @@ from training.model_facts import ModelFactsCache, model_key
 def slow_size(model_dir):
     from transformers import AutoConfig
 
-    from training.preflight import model_size_from_config
+    from training.memory_estimate import model_size_from_config
 
     return model_size_from_config(AutoConfig.from_pretrained(model_dir))
 
@@ -34,7 +34,7 @@ def forbid_the_slow_path(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("computed again")
 
-    monkeypatch.setattr("training.preflight.model_size_from_config", fail)
+    monkeypatch.setattr("training.memory_estimate.model_size_from_config", fail)
     monkeypatch.setattr("training.base_model.load_tokenizer", fail)
 
 

@@ -10,8 +10,8 @@ from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 from tests.conftest import REPO
-from training.memory_estimate import LinearLayers
-from training.preflight import TrainingPlan, gather_facts, plan_from_record, torch_build
+from training.plan import LinearLayers, TrainingPlan, plan_from_record
+from training.preflight import gather_facts, torch_build
 
 
 def test_torch_build_read_from_its_files_is_what_import_torch_says():
@@ -42,7 +42,7 @@ sys.path.insert(0, {str(REPO / 'flows')!r})
 from dataclasses import asdict
 from types import SimpleNamespace
 from preflight_checks import node_preflight
-from training.preflight import TrainingPlan
+from training.plan import TrainingPlan
 settings = SimpleNamespace(resources=SimpleNamespace(gpu=0))
 start = {{"plan": asdict(TrainingPlan(num_parameters=1_000_000, max_seq_length=64))}}
 findings, record = node_preflight(settings, ["--base_model", "nowhere"], {str(tmp_path)!r}, 1, start_record=start)

@@ -13,18 +13,23 @@ import torch
 
 from tests.conftest import REPO
 from training.arguments import parse_args
-from training.memory_estimate import GIB, MIB, checkpoint_disk_bytes, estimate_memory
+from training.memory_estimate import (
+    GIB,
+    MIB,
+    checkpoint_disk_bytes,
+    estimate_memory,
+    model_size_from_config,
+)
+from training.plan import TrainingPlan
 from training.preflight import (
     Finding,
     GpuFacts,
     HardwareFacts,
     PreflightError,
-    TrainingPlan,
     check,
     declared_facts,
     format_findings,
     gather_facts,
-    model_size_from_config,
     plan_from_args,
     preflight_record,
     read_zero_settings,
