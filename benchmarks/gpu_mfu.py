@@ -166,7 +166,8 @@ def main() -> None:
     parser.add_argument("--deepspeed", default="ds_configs/zero2.json", help='DeepSpeed config; "" for none.')
     parser.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
                         help="Attention kernel, as the trainer's --attn_implementation.")
-    parser.add_argument("--peak-tflops", type=float, default=0.0, help="Peak dense FLOP/s per GPU, if the table lacks it.")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="Peak dense FLOP/s per GPU, if the table lacks it.")
     args = parser.parse_args()
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
@@ -206,7 +207,8 @@ def main() -> None:
                            work=Path(tmp))
                    for name in args.models.split(",")]
     print(f"\n{device} (capability {capability[0]}.{capability[1]}), {precision}, peak {peak:.0f} TFLOP/s dense; "
-          f"{'DeepSpeed ' + Path(deepspeed).name if deepspeed else 'no DeepSpeed'}, {args.attn_implementation} attention, "
+          f"{'DeepSpeed ' + Path(deepspeed).name if deepspeed else 'no DeepSpeed'}, "
+          f"{args.attn_implementation} attention, "
           f"one GPU, torch {torch.__version__}; "
           f"{args.warmup} warm-up + {args.steps} timed steps")
     print(f"{'model':<9}{'params':>9}{'N (6N)':>9}{'batch x seq':>13}{'ms/step':>9}{'tokens/s/GPU':>14}"

@@ -73,9 +73,11 @@ def main() -> None:
     probe.stop()
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     total_on = sum(times["on"])
-    print(f"device {device}, {len(times['on'])} steps per mode, sampler interval {args.interval} s, {samples} samples taken")
+    print(f"device {device}, {len(times['on'])} steps per mode, sampler interval {args.interval} s, "
+          f"{samples} samples taken")
     print(f"median step time  sampler off {off * 1e3:8.2f} ms   on {on * 1e3:8.2f} ms")
-    print(f"mean step time    sampler off {statistics.mean(times['off']) * 1e3:8.2f} ms   on {total_on / len(times['on']) * 1e3:8.2f} ms")
+    print(f"mean step time    sampler off {statistics.mean(times['off']) * 1e3:8.2f} ms   "
+          f"on {total_on / len(times['on']) * 1e3:8.2f} ms")
     print(f"overhead ratio (median on / off): {on / off:.4f}  (target <= 1.01)")
     print(f"one sample costs {per_sample * 1e3:.3f} ms of one core: {per_sample / args.interval:.5%} of each interval")
 

@@ -38,7 +38,8 @@ def one_run(work: Path, max_steps: int, refresh: str | None) -> dict[str, float]
         env["DOLLY_CARD_REFRESH_S"] = refresh
     log = (work / "flow.log").open("w")
     started = time.time()
-    process = subprocess.Popen([sys.executable, str(REPO / "flows" / "dolly_flow.py"), "run", "--max-steps", str(max_steps)],
+    process = subprocess.Popen([sys.executable, str(REPO / "flows" / "dolly_flow.py"), "run",
+                                "--max-steps", str(max_steps)],
                                cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     card_processes: set[int] = set()
     while process.poll() is None:

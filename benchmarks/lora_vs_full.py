@@ -44,7 +44,8 @@ def schedule_arguments(args: argparse.Namespace) -> list[str]:
 def run_method(method: str, args: argparse.Namespace, workdir: Path) -> dict:
     out = workdir / method
     command = [sys.executable, "-m", "training.trainer", *schedule_arguments(args), "--output_dir", str(out),
-               "--peft", method, "--learning_rate", str(args.lora_learning_rate if method != "none" else args.learning_rate)]
+               "--peft", method, "--learning_rate",
+               str(args.lora_learning_rate if method != "none" else args.learning_rate)]
     if args.deepspeed and method != "qlora":  # QLoRA runs without ZeRO (see training/arguments.py)
         command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--module",
                    *command[2:], "--deepspeed", args.deepspeed]
@@ -64,7 +65,8 @@ def table(results: dict[str, dict]) -> str:
         return "-" if value is None else f"{value:.0%}"
 
     rows = {
-        "trainable parameters": lambda m: f"{m['trainable_parameters'] / 1e6:.2f}M ({m['trainable_parameters'] / m['parameters']:.1%})",
+        "trainable parameters": lambda m: (f"{m['trainable_parameters'] / 1e6:.2f}M "
+                                           f"({m['trainable_parameters'] / m['parameters']:.1%})"),
         "peak memory": lambda m: f"{m['peak_memory_bytes'] / 2**30:.2f} GiB",
         "tokens/s (training)": lambda m: f"{m['tokens_per_second']:.0f}",
         "checkpoint": lambda m: f"{(m['checkpoint_bytes'] or 0) / 1e6:.1f} MB",

@@ -129,7 +129,8 @@ def startup(model: str, dataset: str, cache_dir: Path, output_dir: Path, extra: 
     begin = next(e for e in events if e["event"] == "begin")
     step = next(e for e in events if e["event"] == "step" and e["step"] == 1)
     imported = float(next(t for _, t in lines if t.startswith("[bench] imports done ")).split()[-1])
-    data, tokenized, loaded = (first(lines, n) for n in ("[trainer] data ", "[trainer] dropped rows", "[trainer] model "))
+    data, tokenized, loaded = (first(lines, n)
+                               for n in ("[trainer] data ", "[trainer] dropped rows", "[trainer] model "))
     step_started = step["time"] - step["step_s"]
     return {
         "interpreter + imports": imported - launched,

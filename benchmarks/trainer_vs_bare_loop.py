@@ -1,6 +1,7 @@
 """Training throughput of our trainer path against a bare PyTorch loop, measured in one run.
 
-    python benchmarks/trainer_vs_bare_loop.py               # tiny model (+ablations), then SmolLM2 (~2.5 min on 2 idle cores)
+    python benchmarks/trainer_vs_bare_loop.py               # tiny model (+ablations), then SmolLM2
+                                                            # (~2.5 min on 2 idle cores)
     python benchmarks/trainer_vs_bare_loop.py --quick       # tiny model only, one round (~25 s)
     python benchmarks/trainer_vs_bare_loop.py --deepspeed   # adds ZeRO-2 on one CPU rank (+~2 min)
 
@@ -242,7 +243,8 @@ def run_pair(model_path: str, tokenizer: Any, train_set: Any, order: list[int], 
         def on_train_begin(self, args, state, control, **kwargs):
             optimizer = trainer.optimizer
             inner = getattr(optimizer, "optimizer", optimizer)
-            found["optimizer"] = type(inner).__name__ + (" (fused)" if getattr(inner, "defaults", {}).get("fused") else "")
+            found["optimizer"] = (type(inner).__name__
+                                  + (" (fused)" if getattr(inner, "defaults", {}).get("fused") else ""))
             optimizer.step = phases.wrap("optimizer step", optimizer.step)
             trainer.lr_scheduler.step = phases.wrap("lr scheduler", trainer.lr_scheduler.step)
             trainer.model_wrapped.zero_grad = phases.wrap("zero_grad", trainer.model_wrapped.zero_grad)
@@ -327,7 +329,8 @@ def run_deepspeed(spec: dict[str, Any], work: Path) -> tuple[dict[str, Any], dic
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(spec["threads"])}
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     if done.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"DeepSpeed worker failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"DeepSpeed worker failed ({done.returncode}):\n"
+                           f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     trainer, bare = json.loads(out.read_text())
     trainer["process_s"] = time.perf_counter() - started
     return trainer, bare
@@ -339,7 +342,8 @@ def ds_worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     work = Path(spec["work"])
-    model_path, tokenizer, train_set = build_inputs(spec["model"], spec["max_seq_length"], Path(spec["cache_dir"]), work)
+    model_path, tokenizer, train_set = build_inputs(spec["model"], spec["max_seq_length"],
+                                                    Path(spec["cache_dir"]), work)
     pair = run_pair(model_path, tokenizer, train_set, spec["order"], batch=spec["batch"], warmup=spec["warmup"],
                     steps=spec["steps"], work=work, deepspeed=spec["ds_config"], label=spec["label"])
     Path(spec["result"]).write_text(json.dumps(pair))
@@ -394,11 +398,13 @@ def print_results(title: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]]
               + ", ".join(f"{name.removeprefix('callback ')} {value * 1e3:.3f}"
                           for name, value in sorted(trainer["callbacks"].items(), key=lambda kv: -kv[1])))
     clip = statistics.mean(bare["clip_s_per_step"] for _, bare in pairs)
-    print(f"grad norm + clip timed in the bare loop on the same gradients (not in its step time): {clip * 1e3:.2f} ms/step")
+    print("grad norm + clip timed in the bare loop on the same gradients (not in its step time): "
+          f"{clip * 1e3:.2f} ms/step")
 
 
 def measure_model(model: str, *, threads: int, grouped: bool, batch: int, warmup: int, steps: int,
-                  rounds: int, max_seq_length: int, cache_dir: Path, work: Path, deepspeed: str, ablations: bool) -> None:
+                  rounds: int, max_seq_length: int, cache_dir: Path, work: Path, deepspeed: str,
+                  ablations: bool) -> None:
     """Print the tables for one model; ``deepspeed``: a DeepSpeed config to run as well, or ""."""
     import torch
 
@@ -452,14 +458,16 @@ def measure_model(model: str, *, threads: int, grouped: bool, batch: int, warmup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Only the tiny model, one round, no ablations (~30 s).")
-    parser.add_argument("--deepspeed", action="store_true", help="Also the ZeRO-2 path on one CPU rank (child process).")
+    parser.add_argument("--deepspeed", action="store_true",
+                        help="Also the ZeRO-2 path on one CPU rank (child process).")
     parser.add_argument("--ds-config", default="ds_configs/zero2.json", help="The DeepSpeed config of --deepspeed.")
     parser.add_argument("--batch", type=int, default=4, help="SmolLM2 sequences per step.")
     parser.add_argument("--warmup", type=int, default=3, help="SmolLM2 warm-up steps (not measured).")
     parser.add_argument("--steps", type=int, default=8, help="SmolLM2 measured steps.")
     parser.add_argument("--tiny-steps", type=int, default=60, help="Tiny model measured steps (10 warm-up).")
     parser.add_argument("--tiny-rounds", type=int, default=3, help="Tiny model rounds (each ablation too).")
-    parser.add_argument("--threads", type=int, default=0, help="SmolLM2 torch threads (0: torch's default, one per core).")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="SmolLM2 torch threads (0: torch's default, one per core).")
     parser.add_argument("--tiny-threads", type=int, default=1,
                         help="Tiny model torch threads. 1: its ~20 ms steps are too small to split, and two "
                         "threads on shared cores spin in OpenMP barriers (measured 5x noisier).")

@@ -78,7 +78,8 @@ def ordered(rows: list[dict[str, Any]], select: str) -> list[dict[str, Any]]:
     """Rows best first by ``select``; failed points last, in grid order."""
     key, better, _ = SELECTIONS[select]
     sign = 1 if better is min else -1
-    ok = sorted((r for r in rows if r["status"] == "ok" and r[key] is not None), key=lambda r: (sign * r[key], r["point"]))
+    ok = sorted((r for r in rows if r["status"] == "ok" and r[key] is not None),
+                key=lambda r: (sign * r[key], r["point"]))
     return ok + [r for r in rows if r not in ok]
 
 
@@ -122,7 +123,8 @@ def comparison_components(rows: list[dict[str, Any]], best: dict[str, Any] | Non
                 continue
             text = " ".join(answer["response"].split()) or "(empty)"
             text = text if len(text) <= ANSWER_CHARS else text[: ANSWER_CHARS - 1] + "…"
-            lines.append([f"{row['point'] + 1}: {row['name']}", text + ("" if answer["ended"] else f" [no {row['end_marker']}]")])
+            unended = "" if answer["ended"] else f" [no {row['end_marker']}]"
+            lines.append([f"{row['point'] + 1}: {row['name']}", text + unended])
         # The instruction heads its answers' column: a table header is text, whatever the data holds.
         components.append(Table(data=lines, headers=["Point", f"{number}. {instruction}"]))
     return components

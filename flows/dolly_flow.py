@@ -121,13 +121,15 @@ class DollyFlow(FlowSpec):
     )
     epochs = Parameter("epochs", type=float, default=settings.training.epochs, help="Passes over the training rows.")
     max_steps = Parameter(
-        "max-steps", type=int, default=settings.training.max_steps, help="Stop after N optimizer steps (-1: all epochs)."
+        "max-steps", type=int, default=settings.training.max_steps,
+        help="Stop after N optimizer steps (-1: all epochs)."
     )
     learning_rate = Parameter(
         "learning-rate", type=float, default=settings.training.learning_rate, help="Peak learning rate (AdamW)."
     )
     batch_size = Parameter(
-        "batch-size", type=int, default=settings.training.batch_size, help="Training sequences per device per micro-step."
+        "batch-size", type=int, default=settings.training.batch_size,
+        help="Training sequences per device per micro-step."
     )
     peft = Parameter(
         "peft",
@@ -200,7 +202,8 @@ class DollyFlow(FlowSpec):
         for warning in checked.warnings:
             print(warning)
         if problems:
-            raise InvalidRunInputs("DollyFlow cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
+            raise InvalidRunInputs(
+                "DollyFlow cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
         self.trainer_argv, self.config, self.preflight_start = checked.trainer_argv, checked.config, checked.preflight
         data = checked.data
         self.dataset_fingerprint = data.fingerprint
@@ -243,7 +246,9 @@ class DollyFlow(FlowSpec):
         nodes = nodes or Nodes()
         store = LocalModelStore(Path(self.settings.get("model_root", "models")))
         workdir = store.workdir(current.flow_name, current.run_id, node=nodes.rank, branch=branch)
-        checkpoint_root = f"{self.checkpoint_root}/{branch}" if self.checkpoint_root and branch else self.checkpoint_root
+        checkpoint_root = self.checkpoint_root
+        if checkpoint_root and branch:
+            checkpoint_root = f"{checkpoint_root}/{branch}"
         # This node's real GPUs, driver, NCCL, /dev/shm and disk against the plan, before the
         # trainer loads anything: a wrong node fails in seconds, not after hours.
         findings, self.preflight = node_preflight(self.settings, self.trainer_argv, str(workdir), nodes.count,
@@ -304,12 +309,14 @@ class DollyFlow(FlowSpec):
             f"{metrics['tokens_per_second']:.0f} tokens/s)."
         )
         if metrics.get("ended_share_base") is not None:
-            print(f"Answers ending at {metrics.get('end_marker', '### End')}: {metrics['ended_share_base']:.0%} (base) -> "
+            print(f"Answers ending at {metrics.get('end_marker', '### End')}: "
+                  f"{metrics['ended_share_base']:.0%} (base) -> "
                   f"{metrics['ended_share_final']:.0%} (tuned) of {len(self.evaluation[0]['answers'])} instructions.")
         print(f"Model: {self.model_location}")
         print("Cards: card view train --id training · card view train --id gpu_profile · card view end")
         how = load_instructions(self.model_location, pathspec)  # markdown for the card
-        print("Answer instructions with it:\n" + "\n".join(line for line in how.splitlines() if not line.startswith("```")))
+        print("Answer instructions with it:\n"
+              + "\n".join(line for line in how.splitlines() if not line.startswith("```")))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Steps:
 
 Run it:
     python flows/dolly_sweep_flow.py run                                 # bundled default: 2 points, CPU
-    python flows/dolly_sweep_flow.py run --grid "learning_rate=1e-4,3e-4 epochs=1,2" --max-workers 1   # few cores: one at a time
+    # few cores: one point at a time
+    python flows/dolly_sweep_flow.py run --grid "learning_rate=1e-4,3e-4 epochs=1,2" --max-workers 1
     python flows/dolly_sweep_flow.py --config config flows/configs/a100x4.json run \\
         --grid "learning_rate=1e-5,2e-5" --with kubernetes                # one GPU pod per point
     python flows/dolly_sweep_flow.py card view compare --id comparison
@@ -103,7 +104,8 @@ class DollySweepFlow(DollyFlow):
         for index, (found, (settings, _)) in enumerate(zip(per_point, checked_points, strict=True)):
             problems += [f"point {index + 1} ({point_name(settings)}): {p}" for p in found if p not in shared]
         if problems:
-            raise InvalidRunInputs("DollySweepFlow cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
+            raise InvalidRunInputs(
+                "DollySweepFlow cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
         self.points = [
             {"index": index, "name": point_name(settings), "settings": settings, "trainer_argv": checked.trainer_argv,
              "config": checked.config, "preflight_start": checked.preflight}
@@ -185,7 +187,8 @@ class DollySweepFlow(DollyFlow):
         for row in self.results:
             # "n/a" where a figure does not exist (no answers under --eval-instructions none).
             status = (f"eval loss {change(row['eval_loss_before'], row['eval_loss_after'], '.4f')}, answers ending "
-                      f"{or_na(row['ended_share_final'], '.0%')}" if row["status"] == "ok" else f"failed: {row['error']}")
+                      f"{or_na(row['ended_share_final'], '.0%')}" if row["status"] == "ok"
+                      else f"failed: {row['error']}")
             print(f"{'*' if row['point'] == best['point'] else ' '} point {row['point'] + 1} ({row['name']}): {status}")
         print(f"Best (--select {self.select}): point {best['point'] + 1}, {best['name']}; tags {', '.join(tags)}")
         print(f"Model: {self.model_location}")

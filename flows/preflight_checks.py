@@ -28,7 +28,8 @@ from training.preflight import (
 SIZE_RULES = ("gpu-memory", "cpu-memory", "disk")
 
 
-def training_plan(model_args: Any, data_args: Any, train_args: Any, model_path: str) -> tuple[TrainingPlan, list[Finding]]:
+def training_plan(model_args: Any, data_args: Any, train_args: Any,
+                  model_path: str) -> tuple[TrainingPlan, list[Finding]]:
     """The plan, with the model's size read from its config (no weights loaded; kept in the
     cache folder, so a later run of the same model reads it without importing torch)."""
     try:

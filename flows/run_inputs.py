@@ -122,7 +122,8 @@ class InputChecker:
         findings, preflight = start_preflight(flow.settings, model_args, data_args, train_args,
                                               resolved_model if model_resolved else None)
         problems += [f.message for f in findings if f.severity == "error"]
-        warnings = [f"Preflight warning [{f.code}]: {in_flow_terms(f.message)}" for f in findings if f.severity == "warning"]
+        warnings = [f"Preflight warning [{f.code}]: {in_flow_terms(f.message)}"
+                    for f in findings if f.severity == "warning"]
         config = {
             "preset": flow.settings.name,
             "resources": dict(flow.settings.resources),

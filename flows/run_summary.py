@@ -47,12 +47,14 @@ def change(before: float | None, after: float | None, fmt: str) -> str:
 def _method(metrics: dict[str, Any]) -> str:
     """Full fine-tuning, or LoRA/QLoRA with its settings, the trainable share and the adapter."""
     peft, lora = metrics.get("peft", "none"), metrics.get("lora")
-    trainable = f"{metrics.get('trainable_parameters', 0) / 1e6:,.2f}M of {metrics.get('parameters', 0) / 1e6:,.2f}M parameters trained"
+    trainable = (f"{metrics.get('trainable_parameters', 0) / 1e6:,.2f}M of "
+                 f"{metrics.get('parameters', 0) / 1e6:,.2f}M parameters trained")
     if peft == "none" or not lora:
         return f"full fine-tuning ({trainable})"
     base = "4-bit NF4 base (QLoRA)" if peft == "qlora" else "frozen base"
     kept = "merged model, adapter in adapter/" if lora["merged"] else "adapter only"
-    return (f"{'QLoRA' if peft == 'qlora' else 'LoRA'} r={lora['r']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g} "
+    return (f"{'QLoRA' if peft == 'qlora' else 'LoRA'} r={lora['r']}, alpha {lora['alpha']:g}, "
+            f"dropout {lora['dropout']:g} "
             f"on {lora['target_modules']} + the prompt format's token rows, {base}: {trainable} "
             f"({metrics['trainable_parameters'] / metrics['parameters']:.1%}); adapter "
             f"{metrics.get('adapter_bytes', 0) / 1e6:.1f} MB ({kept})")
@@ -85,7 +87,8 @@ def summary_components(*, pathspec: str, config: dict[str, Any], metrics: dict[s
         ["Prompt format", _prompt_format(config["training"], metrics)],
         ["DeepSpeed", config.get("deepspeed_config") or "off"],
         ["Precision, ranks", f"{metrics['precision']}, {ranks}"],
-        ["Schedule", f"{metrics['global_step']} steps, {metrics['epochs']:.2f} epochs, lr {training['learning_rate']:g}, "
+        ["Schedule", f"{metrics['global_step']} steps, {metrics['epochs']:.2f} epochs, "
+                     f"lr {training['learning_rate']:g}, "
                      f"batch {training['batch_size']} x {accumulation} accumulation x {ranks} rank(s) = "
                      f"{effective} sequences/step"],
     ]
@@ -94,7 +97,8 @@ def summary_components(*, pathspec: str, config: dict[str, Any], metrics: dict[s
     results = [
         ["Eval loss", change(metrics["eval_loss_before"], metrics["eval_loss_after"], ".4f")],
         ["Perplexity", change(metrics["perplexity_before"], metrics["perplexity_after"], ".2f")],
-        [f"Answers ending at {metrics.get('end_marker', '### End')}", change(metrics.get("ended_share_base"), metrics.get("ended_share_final"), ".0%")],
+        [f"Answers ending at {metrics.get('end_marker', '### End')}",
+         change(metrics.get("ended_share_base"), metrics.get("ended_share_final"), ".0%")],
         ["Mean answer tokens", change(first.get("mean_new_tokens"), last.get("mean_new_tokens"), ".0f")],
         ["Training throughput", f"{metrics['tokens_per_second']:,.0f} tokens/s in training steps, "
                                 f"{metrics.get('tokens_per_second_overall', 0):,.0f} overall with evaluation and "

@@ -9,7 +9,7 @@ the flow's parameters.
     --grid "learning_rate=1e-4,5e-5 epochs=1,2"                           the same 4 points
     "sweep": {"max_points": 12, ...}                                      more than 8 points
 
-    python -c "import sys; sys.path.insert(0, 'flows'); from sweep_grid import parse_grid; print(parse_grid('epochs=1,2'))"
+    cd flows && python -c "from sweep_grid import parse_grid; print(parse_grid('epochs=1,2'))"
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def parse_grid(text: str) -> dict[str, list[Any]]:
     for part in text.split():
         key, sep, values = part.partition("=")
         if not sep or not key:
-            raise GridError(f"--grid: {part!r} is not key=value[,value...]; e.g. --grid \"learning_rate=1e-4,5e-5 epochs=1,2\".")
+            raise GridError(f"--grid: {part!r} is not key=value[,value...]; "
+                            "e.g. --grid \"learning_rate=1e-4,5e-5 epochs=1,2\".")
         if key in grid:
             raise GridError(f"--grid: {key} is given twice; list its values once: {key}=a,b.")
         items = [v for v in values.split(",") if v]
@@ -57,7 +58,8 @@ def expand(section: dict[str, Any]) -> list[dict[str, Any]]:
         points = section["points"]
         extra = sorted(set(section) - {"points"})
         if extra:
-            raise GridError(f"config sweep: 'points' lists the points itself; drop {', '.join(extra)} or fold them into the points.")
+            raise GridError(f"config sweep: 'points' lists the points itself; drop {', '.join(extra)} "
+                            "or fold them into the points.")
         if not isinstance(points, list) or not points or not all(isinstance(p, dict) for p in points):
             raise GridError("config sweep.points: must be a non-empty list of objects, e.g. "
                             '[{"learning_rate": 1e-4}, {"peft": "lora", "learning_rate": 1e-3}].')
@@ -80,7 +82,8 @@ def sweep_points(section: dict[str, Any] | None, grid: str) -> tuple[list[dict[s
         raise GridError(f"config sweep.max_points: must be a positive integer, got {max_points!r}.")
     points = expand(parse_grid(grid)) if grid.strip() else expand(section)
     if not points:
-        raise GridError("No sweep points: pass --grid \"learning_rate=1e-4,5e-5\" or add a \"sweep\" section to the config.")
+        raise GridError("No sweep points: pass --grid \"learning_rate=1e-4,5e-5\" "
+                        "or add a \"sweep\" section to the config.")
     if len(points) > max_points:
         raise GridError(f"The grid has {len(points)} points, more than config sweep.max_points ({max_points}): "
                         "drop values, or raise max_points if every point is worth its GPUs.")

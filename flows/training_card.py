@@ -111,7 +111,8 @@ def preflight_components(record: dict[str, Any]) -> list:
         ["torch (CUDA build), NCCL", f"{facts.get('torch_version') or 'n/a'} ({facts.get('torch_cuda') or 'CPU'}), "
                                      f"{_version(facts.get('nccl_version'))}"],
         ["/dev/shm", _gib(facts.get("shm_bytes"))],
-        ["Free disk / needed for checkpoints", f"{_gib(facts.get('disk_free_bytes'))} / {_gib(record.get('checkpoint_disk_bytes'))}"],
+        ["Free disk / needed for checkpoints",
+         f"{_gib(facts.get('disk_free_bytes'))} / {_gib(record.get('checkpoint_disk_bytes'))}"],
     ]
     if estimate and gpus:
         smallest = min((g["total_memory_bytes"] for g in gpus if g.get("total_memory_bytes")), default=None)
@@ -148,7 +149,8 @@ def evaluation_table(points: list[dict[str, Any]]) -> Table:
     headers = ["Model", "Step", f"Ends at {marker}", "Mean tokens"] + [_cut(text, 70) for text in instructions]
     rows = []
     for point in points:
-        answers = [_cut(a["response"], ANSWER_CHARS) + ("" if a["ended"] else f" [no {marker}]") for a in point["answers"]]
+        answers = [_cut(a["response"], ANSWER_CHARS) + ("" if a["ended"] else f" [no {marker}]")
+                   for a in point["answers"]]
         rows.append([point["label"], str(point.get("global_step", "")), f"{point['ended_share']:.0%}",
                      f"{point['mean_new_tokens']:.0f}", *answers])
     return Table(data=rows, headers=headers)

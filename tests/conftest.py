@@ -84,7 +84,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     pytest-dev/pytest-xdist#1386): then each worker makes every shared run its tests read."""
     if not getattr(session.config.option, "loadgroup", False):
         return
-    ungrouped = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    ungrouped = [item.nodeid for item in session.items
+                 if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
     if ungrouped:
         warnings.warn(pytest.PytestWarning(
             f"pytest-xdist did not group {len(ungrouped)} tests that share a run (e.g. {ungrouped[0]}): each "
@@ -275,7 +276,8 @@ def wait_for_output(log: Path, pattern: str, proc: subprocess.Popen, timeout: fl
         if found:
             return found
         if exited:
-            pytest.fail(f"exited with code {proc.returncode} before printing {pattern!r}. Its last output:\n{tail(text)}")
+            pytest.fail(f"exited with code {proc.returncode} before printing {pattern!r}. "
+                        f"Its last output:\n{tail(text)}")
         if time.monotonic() > deadline:
             pytest.fail(f"{pattern!r} not printed within {timeout:.0f} s. Its last output:\n{tail(text)}")
         time.sleep(0.2)

@@ -77,7 +77,7 @@ def test_a_plain_pipeline_answers_chat_messages_and_stops_by_itself(chat_run):
         messages = instruction_messages(answer["instruction"], context[answer["instruction"]])
         reply = chat(messages, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0]["generated_text"][-1]
         assert reply["role"] == "assistant"
-        # Greedy, as the evaluation (the pipeline samples by default): the same answer, and it stopped at <|im_end|> by itself
-        # (generation_config.json's eos_token_id), short of the token limit.
+        # Greedy, as the evaluation (the pipeline samples by default): the same answer, and it stopped
+        # at <|im_end|> by itself (generation_config.json's eos_token_id), short of the token limit.
         assert reply["content"].strip() == answer["response"], (reply, answer)
         assert len(tokenizer(reply["content"], add_special_tokens=False)["input_ids"]) < MAX_NEW_TOKENS

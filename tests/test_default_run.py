@@ -83,10 +83,12 @@ def test_default_flow_run_learns_to_answer_and_stop(tmp_path):
     chat = pipeline("text-generation", model=str(location))
     limit = evaluation[-1]["decoding"]["max_new_tokens"]
     # A chat message is the instruction alone: the instructions that come with a context are left out.
-    with_context = {r["instruction"] for r in read_jsonl(REPO / "training" / "data" / "eval_instructions.jsonl") if r["context"]}
+    with_context = {r["instruction"] for r in read_jsonl(REPO / "training" / "data" / "eval_instructions.jsonl")
+                    if r["context"]}
     final = [a for a in evaluation[-1]["answers"] if a["ended"] and a["instruction"] not in with_context]
     assert final, evaluation[-1]
     for answer in final:
-        reply = chat([{"role": "user", "content": answer["instruction"]}], max_new_tokens=limit, do_sample=False)[0]["generated_text"][-1]
+        reply = chat([{"role": "user", "content": answer["instruction"]}], max_new_tokens=limit,
+                     do_sample=False)[0]["generated_text"][-1]
         assert reply["content"].strip() == answer["response"], (reply, answer)
         assert len(chat.tokenizer(reply["content"], add_special_tokens=False)["input_ids"]) < limit, reply

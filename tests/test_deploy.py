@@ -32,7 +32,8 @@ def preset_with_image(name: str, tmp_path: Path) -> Path:
     return path
 
 
-def argo_json(config: Path, s3_env: dict, bucket: str, cwd: Path, *extra: str, flow: Path = FLOW) -> subprocess.CompletedProcess:
+def argo_json(config: Path, s3_env: dict, bucket: str, cwd: Path, *extra: str,
+              flow: Path = FLOW) -> subprocess.CompletedProcess:
     env = python_env(**s3_env, METAFLOW_DEFAULT_DATASTORE="s3", METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{bucket}/metaflow",
                      METAFLOW_DEFAULT_METADATA="local", USERNAME="tester")
     return run_bounded([sys.executable, str(flow), "--config", "config", str(config), *extra, "argo-workflows",
@@ -71,7 +72,8 @@ def test_a100x4_preset_compiles_to_four_gpus_shm_image_node_pool_and_retries(s3_
         assert "nvidia.com/gpu" not in steps[name]["container"]["resources"]["limits"]
         assert not steps[name].get("nodeSelector")
         # Metaflow's defaults, not the preset's: the train step's figures came from the preset.
-        assert (steps[name]["container"]["resources"]["requests"]["cpu"], "retryStrategy" in steps[name]) == ("1", False)
+        assert (steps[name]["container"]["resources"]["requests"]["cpu"],
+                "retryStrategy" in steps[name]) == ("1", False)
 
 
 @pytest.mark.parametrize(("preset", "peft", "node_pool"), [
@@ -133,7 +135,8 @@ def test_settings_fill_defaults_only_and_reject_unknown_keys():
 
 def test_without_kubernetes_the_section_is_ignored(tmp_path):
     # A GPU workstation runs the preset locally: the placeholder image must not get in the way.
-    result = subprocess.run([sys.executable, str(FLOW), "--config", "config", str(REPO / "flows" / "configs" / "a100x4.json"),
+    result = subprocess.run([sys.executable, str(FLOW), "--config", "config",
+                             str(REPO / "flows" / "configs" / "a100x4.json"),
                              "show"], cwd=tmp_path, env=python_env(USERNAME="tester"), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

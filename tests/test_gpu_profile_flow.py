@@ -60,7 +60,8 @@ def test_simulated_four_gpu_node_gets_one_chart_set_per_gpu(all_off_run):
     data = task.data.gpu_profile_data
     assert task.data.gpu_profile_num_gpus == 4
     assert [d["name"] for d in data["devices"]] == ["NVIDIA A100-SXM4-80GB"] * 4
-    assert all(len(g["t"]) >= 2 and max(g["util"]) == busy for g, busy in zip(data["gpus"], (97, 91, 12, 0), strict=True))
+    assert all(len(g["t"]) >= 2 and max(g["util"]) == busy
+               for g, busy in zip(data["gpus"], (97, 91, 12, 0), strict=True))
     # The shim's GPU 3 cannot report power (NVML_ERROR_NOT_SUPPORTED); every other query works.
     assert [g["unsupported"] for g in data["gpus"]] == [[], [], [], ["power_w"]]
     components = card_components(profile_card_html(task))
@@ -118,7 +119,8 @@ def test_card_renders_charts_in_a_real_browser(cpu_run, tmp_path):
     gpus = nvml_gpu_count()
     assert len(re.findall(r"<img[^>]+src=\"data:image/png", dom.stdout)) == 1 + gpus
     assert ("No NVIDIA GPU visible" in dom.stdout) == (gpus == 0)
-    console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
+    console_errors = [line for line in dom.stderr.splitlines()
+                      if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
     assert console_errors == []
     shot = subprocess.run([*flags, f"--screenshot={screenshot}", html.as_uri()], capture_output=True, text=True,
                           timeout=120)

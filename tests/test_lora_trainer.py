@@ -50,7 +50,8 @@ def assert_only_key_rows_trained(merged_dir: Path, base_dir: Path) -> None:
         assert merged[name][:old_vocab].equal(start[name][:old_vocab]), f"{name}: rows of old tokens changed"
         new_rows = merged[name][old_vocab:]
         assert len(new_rows) == 3, name  # ### End, ### Instruction:, ### Response:
-        assert not (new_rows - start[name][old_vocab:]).abs().amax(dim=1).eq(0).any(), f"{name}: a key's row did not train"
+        assert not (new_rows - start[name][old_vocab:]).abs().amax(dim=1).eq(0).any(), \
+            f"{name}: a key's row did not train"
     # LoRA moved the attention and MLP weights (merged in); the norms stayed frozen.
     assert not merged["model.layers.0.self_attn.q_proj.weight"].equal(start["model.layers.0.self_attn.q_proj.weight"])
     assert merged["model.layers.0.input_layernorm.weight"].equal(start["model.layers.0.input_layernorm.weight"])

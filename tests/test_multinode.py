@@ -68,7 +68,8 @@ def test_a100x4x2_compiles_to_a_jobset_of_control_and_workers(s3_env, s3_bucket_
     assert dict(re.findall(r"- name: (\w+)\n\s+replicas: (.*)", manifest)) == {
         "control": "1", "worker": "{{=asInt(inputs.parameters.workerCount)}}"}
     split = next(t for t in workflow["spec"]["templates"] if t["name"].endswith("-foreach-parallel"))
-    worker_count = next(p["value"] for p in split["dag"]["tasks"][0]["arguments"]["parameters"] if p["name"] == "workerCount")
+    worker_count = next(p["value"] for p in split["dag"]["tasks"][0]["arguments"]["parameters"]
+                        if p["name"] == "workerCount")
     assert "sub(sprig.int(inputs.parameters['num-parallel']),1)" in worker_count
     # num-parallel is what the start step computes at run time (the config's num_nodes, as the
     # local two-node run shows), not a number fixed at compile time.

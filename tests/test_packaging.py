@@ -15,10 +15,12 @@ from training.evaluation import DEFAULT_EVAL_INSTRUCTIONS
 def test_the_wheel_holds_every_data_file_the_code_opens(tmp_path):
     # From a copy without build outputs: setuptools would reuse an old build/ folder's files.
     source = shutil.copytree(REPO, tmp_path / "source", ignore=shutil.ignore_patterns(
-        ".git", ".venv*", "venv", "build", "*.egg-info", "__pycache__", "models", "outputs", "test-artifacts", ".metaflow"))
+        ".git", ".venv*", "venv", "build", "*.egg-info", "__pycache__", "models", "outputs", "test-artifacts",
+        ".metaflow"))
     wheels = tmp_path / "wheels"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(wheels)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

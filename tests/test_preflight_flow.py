@@ -20,7 +20,8 @@ def test_start_records_the_declared_check_and_train_the_node_check(tiny_run):
     assert "preflight: every check passed" in log
 
 
-def test_a_gpu_preset_on_a_node_without_gpus_fails_in_seconds_with_the_reason_on_the_card(tiny_config, flow_home, tmp_path):
+def test_a_gpu_preset_on_a_node_without_gpus_fails_in_seconds_with_the_reason_on_the_card(
+        tiny_config, flow_home, tmp_path):
     from tests.conftest import REPO
 
     config = json.loads(tiny_config.read_text())

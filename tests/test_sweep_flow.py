@@ -69,7 +69,8 @@ def comparison_html(run) -> str:
 def test_points_train_in_parallel_a_failing_one_is_a_row_and_the_best_is_kept(sweep_run, flow_home):
     run, log = sweep_run
     results = run["compare"].task.data.results
-    assert [r["settings"] for r in results] == [{"learning_rate": 1e-3}, {"learning_rate": 1e-5}, {"max_seq_length": 24}]
+    assert [r["settings"] for r in results] == [{"learning_rate": 1e-3}, {"learning_rate": 1e-5},
+                                                {"max_seq_length": 24}]
     assert [r["status"] for r in results] == ["ok", "ok", "failed"]
     # The failing point is a row with its error; the sweep goes on and succeeds.
     assert results[2]["error"] and results[2]["model_location"] is None
@@ -151,7 +152,8 @@ def test_comparison_card_renders_in_a_real_browser(sweep_run, tmp_path):
     # The card's JavaScript built the page offline: the chart inline, the table's points.
     assert len(re.findall(r"<img[^>]+src=\"data:image/png", dom.stdout)) == 1
     assert "learning_rate=0.001" in dom.stdout and "learning_rate=1e-05" in dom.stdout
-    console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
+    console_errors = [line for line in dom.stderr.splitlines()
+                      if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
     assert console_errors == []
     # The instruction with a script heads its answers' column as text; the script did not run.
     assert re.search(r"<title>[^<]*pwned", dom.stdout) is None, "the instruction's script ran"

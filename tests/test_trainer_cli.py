@@ -103,7 +103,8 @@ def test_bad_inputs_stop_before_loading_anything(tmp_path):
     assert f"{bad} line 2: not valid JSON" in result.stderr
 
 
-def zero2(tiny_model_dir: Path, small_dataset_dir: Path, out: Path, peft: str, *args: str) -> subprocess.CompletedProcess:
+def zero2(tiny_model_dir: Path, small_dataset_dir: Path, out: Path, peft: str,
+          *args: str) -> subprocess.CompletedProcess:
     """The trainer under DeepSpeed ZeRO-2 on one CPU rank, through the `deepspeed` launcher."""
     return run([
         str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", free_port(),

@@ -134,7 +134,8 @@ class DataArguments:
     )
     cache_dir: str = field(
         default="",
-        metadata={"help": "Cache for converted models, downloads and tokenized data (default ~/.cache/metaflow-dolly)."},
+        metadata={"help": "Cache for converted models, downloads and tokenized data "
+                          "(default ~/.cache/metaflow-dolly)."},
     )
 
 
@@ -190,7 +191,8 @@ class TrainArguments:
     )
     precision: str = field(
         default="auto",
-        metadata={"help": "bf16, fp16 or fp32; auto: bf16 on GPUs with compute capability 8.0+, fp16 on older GPUs, fp32 on CPU."},
+        metadata={"help": "bf16, fp16 or fp32; auto: bf16 on GPUs with compute capability 8.0+, "
+                          "fp16 on older GPUs, fp32 on CPU."},
     )
     s3_uri: str = field(
         default="",
@@ -361,7 +363,8 @@ def find_problems(model_args: ModelArguments, data_args: DataArguments, train_ar
     problems += check_peft_settings(model_args)
     problems += check_chat_template_setting(data_args.prompt_format, data_args.chat_template)
     if model_args.peft == "qlora" and train_args.deepspeed and not check_deepspeed_config(train_args.deepspeed):
-        stage = json.loads(resolve_repo_path(train_args.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+        config = json.loads(resolve_repo_path(train_args.deepspeed).read_text())
+        stage = config.get("zero_optimization", {}).get("stage", 0)
         if stage == 3:
             problems.append(
                 f"--peft qlora cannot run under ZeRO-3 (--deepspeed {train_args.deepspeed}): ZeRO-3 "

@@ -106,7 +106,8 @@ def tokenize_rows(
         source = datasets.Dataset.from_list(rows)
 
         def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-            return keep_short(prompt.encode_examples(tokenizer, batch["instruction"], batch["context"], batch["response"]))
+            return keep_short(prompt.encode_examples(tokenizer, batch["instruction"], batch["context"],
+                                                     batch["response"]))
 
     tokenized = source.map(
         encode,

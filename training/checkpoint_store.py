@@ -383,7 +383,8 @@ class S3CheckpointStore:
             return problem
         absent = [k for k in range(1, self.nodes) if self._manifest(name, k) is None]
         if absent:
-            return f"misses the {MANIFEST} of node(s) {', '.join(map(str, absent))} of {self.nodes} (an incomplete upload)"
+            return (f"misses the {MANIFEST} of node(s) {', '.join(map(str, absent))} of {self.nodes} "
+                    "(an incomplete upload)")
         return ""
 
     def download(self, name: str, target: Path) -> Path:
@@ -407,7 +408,8 @@ class S3CheckpointStore:
         if self.node:
             own = self._manifest(name, self.node)
             if own is None:
-                raise CheckpointStoreError(f"{self.uri}/{name} misses node {self.node}'s part: not a complete checkpoint.")
+                raise CheckpointStoreError(
+                    f"{self.uri}/{name} misses node {self.node}'s part: not a complete checkpoint.")
             parts.append((self.node, own))
         expected: dict[str, dict[str, Any]] = {}  # path -> entry; this node's own copy wins
         for _, part in parts:

@@ -128,9 +128,11 @@ def _normalize_row(row: Any, where: str, prompt_format: str = "dolly") -> tuple[
     )
 
 
-def _normalize_conversation(row: dict[str, Any], where: str, prompt_format: str) -> tuple[dict[str, Any] | None, str | None, str]:
+def _normalize_conversation(row: dict[str, Any], where: str,
+                            prompt_format: str) -> tuple[dict[str, Any] | None, str | None, str]:
     if "messages" in row:
-        schema, key, role_key, content_key, roles = "messages", "messages", "role", "content", {r: r for r in ("system", "user", "assistant")}
+        roles = {r: r for r in ("system", "user", "assistant")}
+        schema, key, role_key, content_key = "messages", "messages", "role", "content"
     else:
         schema, key, role_key, content_key, roles = "sharegpt", "conversations", "from", "value", SHAREGPT_ROLES
     turns = row[key]

@@ -2,7 +2,8 @@
 
 The Dolly story in numbers: the same instructions answered by the base model and then by the
 model after each epoch, with the share of answers that end at ``### End`` (or, for the chat
-format, at the template's end of turn: the model learned to stop) and their lengths. Decoding is greedy by default, so runs are comparable.
+format, at the template's end of turn: the model learned to stop) and their lengths. Decoding is
+greedy by default, so runs are comparable.
 
     rows = load_eval_instructions(DEFAULT_EVAL_INSTRUCTIONS)
     point = answer_all(model, tokenizer, rows, label="base", max_new_tokens=64, batch_size=8)
@@ -165,7 +166,8 @@ def evaluation_callback(rows: list[dict[str, str]], tokenizer: Any, max_new_toke
                 self.points.append(point)
                 if on_point is not None:
                     on_point(point)
-                print(f"[trainer] evaluation {label}: {point['ended_share']:.0%} of answers end at {point['end_marker']}, "
+                print(f"[trainer] evaluation {label}: {point['ended_share']:.0%} of answers end at "
+                      f"{point['end_marker']}, "
                       f"{point['mean_new_tokens']:.0f} tokens on average", flush=True)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):

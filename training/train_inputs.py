@@ -97,7 +97,8 @@ def check_settings(model_args: ModelArguments, data_args: DataArguments, train_a
 def s3_access_problems(train_args: TrainArguments) -> list[str]:
     """Each S3 prefix the run reads or writes, listed now: missing credentials or an unreachable
     endpoint show in seconds, not after the data is tokenized and the model loaded."""
-    flags = [("--s3_uri", f"{train_args.s3_uri.rstrip('/')}/checkpoints" if train_args.s3_uri.startswith("s3://") else ""),
+    checkpoints = f"{train_args.s3_uri.rstrip('/')}/checkpoints" if train_args.s3_uri.startswith("s3://") else ""
+    flags = [("--s3_uri", checkpoints),
              ("--resume_from", train_args.resume_from if train_args.resume_from.startswith("s3://") else "")]
     problems = []
     for flag, uri in flags:
@@ -147,7 +148,8 @@ def choose_resume(train_args: TrainArguments, args: Any, output_dir: Path, node:
         # weights_only_loads refuses such a file again when the trainer loads it.
         from_s3 = train_args.resume_from == "latest" or train_args.resume_from.startswith("s3://")
         where = (f" (downloaded from the {Path(resume_path).name} that --resume_from {train_args.resume_from} "
-                 "picked: delete it in S3 or pass an older one, --resume_from s3://.../checkpoint-N)") if from_s3 else ""
+                 "picked: delete it in S3 or pass an older one, --resume_from s3://.../checkpoint-N)"
+                 if from_s3 else "")
         raise CannotResume("Cannot resume" + where + ":\n  " + "\n  ".join(refused))
     return resume_path
 

@@ -130,7 +130,8 @@ def fit(trainer_class: Any, built: BuiltModel, tokens: Tokens, args: Any, watch:
         if watch.uploader is not None:
             watch.uploader.close(timeout=watch.preemption.remaining_s())
             uploaded = any(m["name"] == f"checkpoint-{step}" for m in watch.uploader.uploaded)
-            where = f"uploaded to {watch.uploader.store.uri}" if uploaded else "upload not finished within the grace period"
+            where = (f"uploaded to {watch.uploader.store.uri}" if uploaded
+                     else "upload not finished within the grace period")
         else:
             where = f"kept in {output_dir / 'checkpoints'}"
         raise Preempted(f"Preempted (SIGTERM) at step {step}: checkpoint-{step} {where}.")

@@ -83,7 +83,8 @@ def collect_metrics(inputs: RunInputs, built: BuiltModel, run: Fit, final: Final
         "ended_share_final": answers[-1]["ended_share"] if answers else None,
         "evaluation": answers,
         "train_loss": whole_train_loss(state.log_history, start_step=run.start_step,
-                                       attempt_loss=float(run.result.training_loss), global_step=int(state.global_step)),
+                                       attempt_loss=float(run.result.training_loss),
+                                       global_step=int(state.global_step)),
         "train_runtime_s": runtime,
         "train_samples": round(len(tokens.train_set) * (state.epoch or 0.0)),  # sequences trained on
         "tokens": seen,
@@ -147,15 +148,16 @@ def _write_model(metrics: dict[str, Any], inputs: RunInputs, train_args: TrainAr
         save_merged(adapter_dir, output_dir, dtype=dtype, trust_remote_code=model_args.trust_remote_code,
                     cache_dir=cache_dir)
     elif model_args.peft != "none":
-        metrics["adapter_bytes"] = sum((output_dir / f).stat().st_size
-                                       for f in published_files(output_dir, merged_adapter=False) if f.name != METRICS_FILE)
+        adapter_files = [f for f in published_files(output_dir, merged_adapter=False) if f.name != METRICS_FILE]
+        metrics["adapter_bytes"] = sum((output_dir / f).stat().st_size for f in adapter_files)
     if train_args.s3_uri:
         metrics["model_location"] = f"{train_args.s3_uri.rstrip('/')}/model"
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return merged
 
 
-def _upload_model(metrics: dict[str, Any], output_dir: Path, s3_uri: str, watch: Watchers, *, merged: bool) -> list[str]:
+def _upload_model(metrics: dict[str, Any], output_dir: Path, s3_uri: str, watch: Watchers, *,
+                  merged: bool) -> list[str]:
     """The model and TensorBoard logs to ``<s3_uri>/model`` and ``/logs``, then ``s3_uploads.json``;
     returns what did not upload."""
     run_store = S3CheckpointStore(s3_uri)

@@ -10,7 +10,8 @@ import pytest
 from tests.conftest import nvml_gpu_count
 
 pytest.importorskip("pynvml")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(nvml_gpu_count() == 0, reason="needs an NVIDIA GPU and driver (NVML)")]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(nvml_gpu_count() == 0, reason="needs an NVIDIA GPU and driver (NVML)")]
 
 
 def test_real_nvml_samples_every_gpu():

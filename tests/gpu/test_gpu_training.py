@@ -14,7 +14,8 @@ from tests.conftest import REPO, free_port, python_env, run_bounded
 torch = pytest.importorskip("torch")
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)"),
 ]
 
 

@@ -101,7 +101,8 @@ def test_every_ds_config_loads_through_training_arguments(path: Path):
 
     assert check_deepspeed_config(str(path)) == []
     config = json.loads(path.read_text())
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
         assert config[key] == "auto", key
     args = TrainingArguments(
         output_dir="unused", deepspeed=str(path), use_cpu=True,
@@ -132,7 +133,8 @@ def test_trainer_cli_maps_onto_transformers_training_arguments(tmp_path, monkeyp
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     model_args, _, train_args = parse_args(["--output_dir", str(tmp_path), "--max_steps", "7",
-                                            "--gradient_accumulation_steps", "3", "--deepspeed", "ds_configs/zero2.json"])
+                                            "--gradient_accumulation_steps", "3",
+                                            "--deepspeed", "ds_configs/zero2.json"])
     args = hf_training_arguments(model_args, train_args, precision="fp32", cuda=False)
     assert args.output_dir == str(tmp_path / "checkpoints")
     assert (args.max_steps, args.gradient_accumulation_steps) == (7, 3)

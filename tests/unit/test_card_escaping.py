@@ -142,7 +142,8 @@ def test_training_card_and_its_preflight():
                            "world_size": 1}, {"event": "evaluation", "time": 1.0, **point}], now=2.0)
     components = training_components(view, failed="TrainerFailed")
     assert live_markup(components) == []
-    (evaluation,) = [c["source"] for c in rendered(components) if c["type"] == "markdown" and "## Evaluation" in c["source"]]
+    (evaluation,) = [c["source"] for c in rendered(components)
+                     if c["type"] == "markdown" and "## Evaluation" in c["source"]]
     assert f"[no {code_span(HOSTILE)}]" in evaluation
 
     record = {

@@ -114,7 +114,8 @@ def test_a_template_that_moves_the_system_prompt_is_refused_with_the_reason(tiny
     assert chat_problems(tokenizer, with_system=False, model_name="mistral-like") == []
     no_system = CONVERSATION[1:]
     encoded = encode_conversations(tokenizer, [no_system])
-    assert learned_runs(tokenizer, encoded["input_ids"][0], encoded["labels"][0]) == ["Paris, on the Seine.</s>", "Rome.</s>"]
+    assert learned_runs(tokenizer, encoded["input_ids"][0], encoded["labels"][0]) == [
+        "Paris, on the Seine.</s>", "Rome.</s>"]
 
 
 def test_missing_or_unusable_templates_are_refused_with_the_fix(tiny_model_dir):
@@ -123,11 +124,13 @@ def test_missing_or_unusable_templates_are_refused_with_the_fix(tiny_model_dir):
     bare = AutoTokenizer.from_pretrained(tiny_model_dir)
     (problem,) = chat_problems(bare, with_system=False, model_name="tiny")
     assert "tiny has no chat template" in problem and "--chat_template chatml" in problem
-    no_end = chat_tokenizer(tiny_model_dir, "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+    no_end = chat_tokenizer(tiny_model_dir,
+                            "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
     (problem,) = chat_problems(no_end, with_system=False, model_name="tiny")
     assert "nothing after the answer" in problem
     # Gemma 2's template refuses system turns: fine without them, refused with them.
-    gemma2 = chat_tokenizer(tiny_model_dir, "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    gemma2 = chat_tokenizer(tiny_model_dir, "{% if messages[0]['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
                             + (TEMPLATES / "gemma3.jinja").read_text(), ["<start_of_turn>", "<end_of_turn>"])
     assert chat_problems(gemma2, with_system=False, model_name="gemma-2") == []
     (problem,) = chat_problems(gemma2, with_system=True, model_name="gemma-2")
@@ -167,11 +170,13 @@ def test_dolly_models_carry_a_chat_template_that_renders_their_own_prompt(tiny_t
 
     messages = [{"role": "user", "content": "Name a color."}]
     rendered = tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert tiny_tokenizer(rendered, add_special_tokens=False)["input_ids"] == encode_prompt(tiny_tokenizer, "Name a color.")
+    assert (tiny_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+            == encode_prompt(tiny_tokenizer, "Name a color."))
     whole = tiny_tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "Blue."}], tokenize=False)
     assert whole == format_example("Name a color.", "Blue.")
     assert prompt_format_of(tiny_tokenizer) == "dolly"
-    assert stop_token_ids(tiny_tokenizer) == [tiny_tokenizer.convert_tokens_to_ids(END_KEY), tiny_tokenizer.eos_token_id]
+    assert stop_token_ids(tiny_tokenizer) == [tiny_tokenizer.convert_tokens_to_ids(END_KEY),
+                                              tiny_tokenizer.eos_token_id]
     with pytest.raises(ValueError, match="--system"):
         encode_instruction(tiny_tokenizer, "Name a color.", system="Be brief.")
 

@@ -60,7 +60,8 @@ def test_upload_then_download_verifies_and_lists_in_step_order(tmp_path, s3_buck
     local = store.download_latest_valid(tmp_path / "restore")
     assert local.name == "checkpoint-30"
     assert json.loads((local / "trainer_state.json").read_text())["global_step"] == 30
-    assert (local / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes() == shard_bytes(b"shard" * 100)
+    assert ((local / "global_step1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes()
+            == shard_bytes(b"shard" * 100))
 
 
 def test_missing_manifest_and_corrupted_file_are_skipped(tmp_path, s3_bucket_name, capsys):
@@ -117,7 +118,8 @@ def node_part(root, name, rank: int):
     directory = root / name
     (directory / "global_step1").mkdir(parents=True)
     (directory / "trainer_state.json").write_text(json.dumps({"node": rank}))
-    (directory / "global_step1" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(shard_bytes(b"s%d" % rank * 50))
+    (directory / "global_step1" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(
+        shard_bytes(b"s%d" % rank * 50))
     (directory / f"rng_state_{rank}.pth").write_bytes(shard_bytes(b"rng"))
     (directory / "model.safetensors").write_bytes(b"same weights, written again by node %d" % rank)
     return directory
@@ -149,7 +151,8 @@ def test_a_multi_node_checkpoint_is_complete_with_every_nodes_part(tmp_path, s3_
     # Node 1's part corrupted: node 1 rejects the checkpoint, naming the file.
     boto3.client("s3").put_object(Bucket=s3_bucket_name, Body=b"x",
                                   Key="mn/checkpoints/checkpoint-2/node-1/rng_state_1.pth")
-    with pytest.raises(CheckpointStoreError, match=f"rng_state_1.pth: 1 bytes, manifest says {len(shard_bytes(b'rng'))}"):
+    with pytest.raises(CheckpointStoreError,
+                       match=f"rng_state_1.pth: 1 bytes, manifest says {len(shard_bytes(b'rng'))}"):
         node1.download("checkpoint-2", tmp_path / "restore1")
     # Shards belong to ranks: a different node count cannot use them.
     with pytest.raises(CheckpointStoreError, match="written by 2 node.s. and this run has 1"):

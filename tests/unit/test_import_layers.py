@@ -35,7 +35,8 @@ def test_the_code_keeps_every_contract(tmp_path):
 def test_an_upward_import_inside_a_function_breaks_the_layers_and_is_named(tmp_path):
     tree = copy_of_the_code(tmp_path)
     plan = tree / "training" / "plan.py"
-    plan.write_text(plan.read_text() + "\n\ndef _uses_the_trainer():\n    from training.trainer import main\n\n    return main\n")
+    plan.write_text(plan.read_text() + "\n\ndef _uses_the_trainer():\n"
+                    "    from training.trainer import main\n\n    return main\n")
     result = lint_imports(tree)
     assert result.returncode != 0
     assert "training.plan -> training.trainer" in result.stdout, result.stdout

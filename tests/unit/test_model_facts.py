@@ -120,7 +120,8 @@ def bad_records(good):
     yield "names that differ", json.dumps(
         {**good, "linear_layers": {**layers, "out_features": {"q_proj": 1}}}).encode()
     yield "too many layers", json.dumps({**good, "linear_layers": {
-        **layers, "in_features": {f"l{i}": 1 for i in range(5000)}, "out_features": {f"l{i}": 1 for i in range(5000)}}}).encode()
+        **layers, "in_features": {f"l{i}": 1 for i in range(5000)},
+        "out_features": {f"l{i}": 1 for i in range(5000)}}}).encode()
     yield "layers not a dict", json.dumps({**good, "linear_layers": [1, 2]}).encode()
 
 
@@ -171,7 +172,8 @@ m, d, t = parse_args(["--base_model", model, "--dataset", "x", "--cache_dir", {s
                       "--peft", "lora", "--lora_target_modules", "q_proj,query_key_value"])
 plan, notes = training_plan(m, d, t, model)
 problems = peft_problems(m, model, d.cache_dir)
-print(plan.num_parameters, len(notes), len(problems), ModelFactsCache(d.cache_dir).positions(model, trust_remote_code=False))
+print(plan.num_parameters, len(notes), len(problems),
+      ModelFactsCache(d.cache_dir).positions(model, trust_remote_code=False))
 print("torch" in sys.modules)
 """
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -62,6 +62,7 @@ def test_without_starts_size_the_node_builds_the_plan_itself(tiny_model_dir, tmp
 
     settings = SimpleNamespace(resources=SimpleNamespace(gpu=0))
     unknown = {"plan": asdict(TrainingPlan(num_parameters=0))}
-    findings, record = node_preflight(settings, ["--base_model", str(tiny_model_dir), "--dataset", "bundled:dolly-sample",
+    findings, record = node_preflight(settings, ["--base_model", str(tiny_model_dir),
+                                                 "--dataset", "bundled:dolly-sample",
                                                  "--output_dir", str(tmp_path)], str(tmp_path), 1, start_record=unknown)
     assert record["plan"]["num_parameters"] > 0 and not any(f.severity == "error" for f in findings)

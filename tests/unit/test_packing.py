@@ -62,7 +62,8 @@ def packed_matches_padded(model, attention: str, tolerance: float) -> None:
     with torch.no_grad():
         padded_loss = per_token_loss(model, PaddingCollator(pad_token_id=0)(rows))
         packed_loss = per_token_loss(model, packed)
-    assert padded_loss.shape == packed_loss.shape == (sum(len(r["input_ids"]) - r["labels"].count(IGNORE_INDEX) for r in rows),)
+    assert padded_loss.shape == packed_loss.shape == (
+        sum(len(r["input_ids"]) - r["labels"].count(IGNORE_INDEX) for r in rows),)
     assert torch.allclose(packed_loss, padded_loss, atol=tolerance, rtol=0), (packed_loss - padded_loss).abs().max()
 
 

@@ -61,7 +61,8 @@ def test_restored_attributes_come_from_the_checkpoint_and_old_checkpoints_get_an
         def state(self):
             return {"args": {}, "attributes": {"seconds": 0.0}}
 
-    resumed = SimpleNamespace(global_step=40, stateful_callbacks={"Totals": {"args": {}, "attributes": {"seconds": 12.5}}})
+    resumed = SimpleNamespace(global_step=40,
+                              stateful_callbacks={"Totals": {"args": {}, "attributes": {"seconds": 12.5}}})
     assert restored_attributes(resumed, Totals()) == {"seconds": 12.5}
     fresh = SimpleNamespace(global_step=0, stateful_callbacks={"Totals": {"args": {}, "attributes": {"seconds": 0.0}}})
     assert restored_attributes(fresh, Totals()) == {}

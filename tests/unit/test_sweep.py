@@ -49,7 +49,8 @@ def test_bad_grids_are_refused_with_the_fix(section, grid, message):
 
 
 def test_point_names_are_short_and_readable():
-    assert point_name({"learning_rate": 0.0001, "epochs": 2, "peft": "lora"}) == "learning_rate=0.0001 epochs=2 peft=lora"
+    assert (point_name({"learning_rate": 0.0001, "epochs": 2, "peft": "lora"})
+            == "learning_rate=0.0001 epochs=2 peft=lora")
     assert point_name({}) == "defaults"
 
 

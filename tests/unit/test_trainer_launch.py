@@ -122,7 +122,8 @@ def test_prompt_format_and_chat_template_reach_the_trainer_and_bad_values_are_na
     assert problems("dolly", "chatml") == ["--chat_template chatml: applies to --prompt_format chat only (this run: "
                                            "dolly); drop it, or set --prompt_format chat."]
     (missing,) = problems("chat", str(tmp_path / "none.jinja"))
-    assert missing.startswith(f"--chat_template: {tmp_path / 'none.jinja'} is neither 'chatml' nor an existing Jinja file")
+    assert missing.startswith(f"--chat_template: {tmp_path / 'none.jinja'} is neither 'chatml' "
+                              "nor an existing Jinja file")
     template = tmp_path / "mine.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}")
     assert problems("chat", str(template)) == []
