@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from metaflow.cards import Image, Markdown, Table
-from run_summary import change, or_na
+from summary_card import change, or_na
 from training_card import duration
 
 from gpu_profile.render import code_span

@@ -52,10 +52,10 @@ from metaflow import (
     step,
 )
 from metaflow.exception import MetaflowException
-from model_store import LocalModelStore, resume_source, s3_endpoint_env
 from preflight_checks import node_preflight
-from run_inputs import InputChecker, in_flow_terms, run_wide_problems
-from run_summary import load_instructions, summary_components
+from run_storage import LocalModelStore, resume_source, s3_endpoint_env
+from start_checks import InputChecker, in_flow_terms, run_wide_checks
+from summary_card import load_instructions, summary_components
 from trainer_launch import (
     Nodes,
     launch_command,
@@ -196,7 +196,9 @@ class DollyFlow(FlowSpec):
 
     def check_inputs(self) -> None:
         """Every check of `start`, shared with DollyMultiNodeFlow: raises InvalidRunInputs."""
-        problems = run_wide_problems(self, current.flow_name, current.run_id)
+        run_wide = run_wide_checks(self, current.flow_name, current.run_id)
+        self.checkpoint_root, self.resume_checkpoint = run_wide.checkpoint_root, run_wide.resume_checkpoint
+        problems = run_wide.problems
         run_problems, checked = InputChecker(self).check({}, already_wrong=bool(problems))
         problems += run_problems
         for warning in checked.warnings:

@@ -34,8 +34,8 @@ from dolly_flow import CONFIG_DIR, DollyFlow, InvalidRunInputs
 from kubernetes_settings import kubernetes_settings
 from metaflow import Config, Parameter, card, catch, current, resources, retry, step
 from metaflow.exception import MetaflowException
-from run_inputs import InputChecker, run_wide_problems
-from run_summary import change, or_na
+from start_checks import InputChecker, run_wide_checks
+from summary_card import change, or_na
 from sweep_grid import GridError, point_name, sweep_points
 
 from gpu_profile import gpu_profile
@@ -75,7 +75,9 @@ class DollySweepFlow(DollyFlow):
     @step
     def start(self):
         """Expand the grid and check every point; one problem list for all of them."""
-        problems = run_wide_problems(self, current.flow_name, current.run_id)
+        run_wide = run_wide_checks(self, current.flow_name, current.run_id)
+        self.checkpoint_root, self.resume_checkpoint = run_wide.checkpoint_root, run_wide.resume_checkpoint
+        problems = run_wide.problems
         if self.select not in SELECTIONS:
             problems.append(f"--select: {self.select!r} is not one of {', '.join(SELECTIONS)}.")
         if self.select == "ended_share" and self.eval_instructions == "none":

@@ -21,7 +21,7 @@ from tests.conftest import REPO, walk_components
 sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow imports them
 
 from comparison_card import comparison_components, result_row  # noqa: E402
-from run_summary import load_instructions, summary_components  # noqa: E402
+from summary_card import load_instructions, summary_components  # noqa: E402
 from training_card import card_components as training_components  # noqa: E402
 from training_card import preflight_components  # noqa: E402
 

@@ -31,7 +31,7 @@ from training.preflight import GpuFacts, check, format_findings, plan_from_args,
 
 sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow imports them
 from preflight_checks import declared  # noqa: E402
-from trainer_launch import trainer_arguments  # noqa: E402
+from trainer_argv import trainer_arguments
 
 A10 = GpuFacts("NVIDIA A10", (8, 6), 23028 * MIB)  # what the driver reports for "24 GB"
 A100_80 = GpuFacts("NVIDIA A100-SXM4-80GB", (8, 0), 80 * GIB)

@@ -8,8 +8,10 @@ import sys
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow imports them
-from model_store import resume_source  # noqa: E402
-from run_inputs import checkpoint_root_of  # noqa: E402
+from run_storage import (
+    checkpoint_root_of,
+    resume_source,  # noqa: E402
+)
 
 
 def test_runs_given_the_same_checkpoint_uri_get_prefixes_of_their_own():

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow imports them
-from model_store import resolve_resume_from  # noqa: E402
+from run_storage import resolve_resume_from  # noqa: E402
 
 URL = "s3://some-bucket/DollyFlow/17644/model"
 
@@ -67,7 +67,7 @@ def test_generate_refuses_a_name_this_project_never_writes(no_credentials, capsy
 
 
 def test_an_unknown_resume_from_run_is_a_value_error(tmp_path, monkeypatch):
-    """Metaflow's MetaflowNotFound went past `start`'s problem list as "Internal error"; run_inputs
+    """Metaflow's MetaflowNotFound went past `start`'s problem list as "Internal error"; start_checks
     collects ValueError into that list."""
     monkeypatch.chdir(tmp_path)  # no .metaflow here: no run exists
     with pytest.raises(ValueError, match=r"^DollyFlow/999: no such run \(Metaflow looked in .*\.metaflow"):

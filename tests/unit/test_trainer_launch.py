@@ -9,7 +9,7 @@ from tests.conftest import REPO
 from training.arguments import find_problems, parse_args
 
 sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow imports them
-from trainer_launch import trainer_arguments, training_section_problems  # noqa: E402
+from trainer_argv import trainer_arguments, training_section_problems
 
 FLOW_VALUES = dict(base_model="bundled", dataset="data.jsonl", deepspeed_config="ds_configs/zero2.json", epochs=1.0,
                    max_steps=-1, learning_rate=1e-4, batch_size=4, peft="none")

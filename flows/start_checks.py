@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from preflight_checks import start_preflight
-from trainer_launch import trainer_arguments, training_section_problems
+from trainer_argv import trainer_arguments, training_section_problems
 
 # The trainer's flags that the flow exposes as parameters; every other trainer flag is set by
 # the config's "training" section. Problems are reported in the flow's terms.
@@ -177,24 +177,20 @@ class InputChecker:
         return self._models[name]
 
 
-def checkpoint_root_of(checkpoint_uri: str, run_root: str, flow_name: str, run_id: str) -> str:
-    """Where this run's checkpoints and model go: its own prefix under ``--checkpoint-uri``
-    (``<uri>/<flow>/<run id>``), else ``run_root`` (this run's prefix in Metaflow's S3 data root),
-    else "" (local disk only).
+@dataclass(frozen=True)
+class RunWide:
+    """What `start` resolves for the whole run, and the problems found doing so."""
 
-    Under the given URI, not at it: two runs given the same ``--checkpoint-uri`` would otherwise
-    resume from, prune and overwrite each other's checkpoints. A retry and Metaflow's ``resume``
-    keep the run's prefix (``resume`` clones `start`, which set it)."""
-    if checkpoint_uri:
-        return f"{checkpoint_uri.rstrip('/')}/{flow_name}/{run_id}"
-    return run_root.rstrip("/")
+    checkpoint_root: str  # where checkpoints and the model go ("": local disk only)
+    resume_checkpoint: str  # the checkpoint --resume-from names, resolved ("": none)
+    problems: list[str]
 
 
-def run_wide_problems(flow: Any, flow_name: str, run_id: str) -> list[str]:
+def run_wide_checks(flow: Any, flow_name: str, run_id: str) -> RunWide:
     """Checks that do not depend on the training settings: where checkpoints go, what to resume
-    from, the node count, the evaluation instructions. Sets ``flow.checkpoint_root`` and
-    ``flow.resume_checkpoint``."""
-    from model_store import resolve_resume_from, run_s3_root
+    from, the node count, the evaluation instructions. The caller keeps the resolved values as
+    the flow's artifacts (``checkpoint_root``, ``resume_checkpoint``)."""
+    from run_storage import checkpoint_root_of, resolve_resume_from, run_s3_root
 
     from training.checkpoint_store import CheckpointStoreError
     from training.evaluation import (
@@ -204,13 +200,13 @@ def run_wide_problems(flow: Any, flow_name: str, run_id: str) -> list[str]:
     )
 
     problems = []
-    flow.checkpoint_root = checkpoint_root_of(flow.checkpoint_uri, run_s3_root(flow_name, run_id), flow_name, run_id)
-    if flow.checkpoint_root and not flow.checkpoint_root.startswith("s3://"):
+    checkpoint_root = checkpoint_root_of(flow.checkpoint_uri, run_s3_root(flow_name, run_id), flow_name, run_id)
+    if checkpoint_root and not checkpoint_root.startswith("s3://"):
         problems.append(f"--checkpoint-uri: {flow.checkpoint_uri!r} is not an s3:// URL; pass s3://bucket/prefix.")
-    flow.resume_checkpoint = ""
+    resume_checkpoint = ""
     if flow.resume_from:
         try:
-            flow.resume_checkpoint = resolve_resume_from(flow.resume_from)
+            resume_checkpoint = resolve_resume_from(flow.resume_from)
         except (ValueError, KeyError, CheckpointStoreError) as err:
             problems.append(f"--resume-from: {err}")
     nodes = int(flow.settings.get("num_nodes", 1))
@@ -224,7 +220,7 @@ def run_wide_problems(flow: Any, flow_name: str, run_id: str) -> list[str]:
             load_eval_instructions(flow.eval_instructions or DEFAULT_EVAL_INSTRUCTIONS)
         except EvalInstructionsError as err:
             problems.append(in_flow_terms(str(err)))  # it names the trainer's --eval_instructions
-    return problems
+    return RunWide(checkpoint_root, resume_checkpoint, problems)
 
 
 def chat_template_problems(model_args: Any, data_args: Any, model_path: str, rows: list) -> list[str]:

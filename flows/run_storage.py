@@ -100,3 +100,16 @@ def resume_source(explicit: str, *, retry_count: int, resumed_run: bool, uploads
     if uploads and (retry_count > 0 or resumed_run):
         return "latest"
     return ""
+
+
+def checkpoint_root_of(checkpoint_uri: str, run_root: str, flow_name: str, run_id: str) -> str:
+    """Where this run's checkpoints and model go: its own prefix under ``--checkpoint-uri``
+    (``<uri>/<flow>/<run id>``), else ``run_root`` (this run's prefix in Metaflow's S3 data root),
+    else "" (local disk only).
+
+    Under the given URI, not at it: two runs given the same ``--checkpoint-uri`` would otherwise
+    resume from, prune and overwrite each other's checkpoints. A retry and Metaflow's ``resume``
+    keep the run's prefix (``resume`` clones `start`, which set it)."""
+    if checkpoint_uri:
+        return f"{checkpoint_uri.rstrip('/')}/{flow_name}/{run_id}"
+    return run_root.rstrip("/")
