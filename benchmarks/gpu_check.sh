@@ -76,7 +76,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
 }
 
 # The node's facts as the train step's preflight reads them (GPUs, driver, CUDA, NCCL, flash-attn).
-part versions 120 sh -c "nvidia-smi; $PYTHON -m training.preflight --gpus 1 --output-dir /tmp; \
+part versions 120 sh -c "nvidia-smi; $PYTHON -m training.node_facts --gpus 1 --output-dir /tmp; \
 $PYTHON -m pip list 2>/dev/null | grep -iE '^(torch|transformers|deepspeed|accelerate|flash.attn) '"
 part gpu-tests 300 "$PYTHON" -m pytest -q -ra -p no:cacheprovider -m gpu tests/gpu tests/unit/test_packing.py
 # 300 s: the CPU test's 40 steps took 72 s on 2 loaded cores (the old 90 s was too tight); on

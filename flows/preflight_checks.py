@@ -13,16 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from training.model_facts import ModelFactsCache
+from training.node_facts import HardwareFacts, declared_facts, gather_node_facts
 from training.plan import TrainingPlan, plan_from_record
-from training.preflight import (
-    Finding,
-    HardwareFacts,
-    check,
-    declared_facts,
-    gather_node_facts,
-    plan_from_args,
-    preflight_record,
-)
+from training.preflight import Finding, check, plan_from_args, preflight_record
 
 # Rules that need the model's size: left out (with a warning) when it cannot be read.
 SIZE_RULES = ("gpu-memory", "cpu-memory", "disk")

@@ -7,7 +7,7 @@ source in a comment, so a wrong one is easy to find:
 
     from training.memory_estimate import estimate_memory, memory_options
 
-    estimate = estimate_memory(plan, gpus_per_node=1)   # plan: training.preflight.TrainingPlan
+    estimate = estimate_memory(plan, gpus_per_node=1)   # plan: training.plan.TrainingPlan
     print(estimate.describe())                          # "19.2 GiB per GPU (model states ...)"
     if estimate.per_gpu > capacity:
         print("\\n".join(memory_options(plan, 1, 1, capacity)))

@@ -26,8 +26,9 @@ from training.memory_estimate import (
     model_size_from_config,
     trainable_parameters,
 )
+from training.node_facts import GpuFacts
 from training.plan import TrainingPlan
-from training.preflight import GpuFacts, check, format_findings, plan_from_args, preflight_record
+from training.preflight import check, format_findings, plan_from_args, preflight_record
 
 sys.path.insert(0, str(REPO / "flows"))  # the flow's own modules, as the flow imports them
 from preflight_checks import declared  # noqa: E402

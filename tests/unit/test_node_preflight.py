@@ -10,8 +10,8 @@ from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 from tests.conftest import REPO
+from training.node_facts import gather_facts, torch_build
 from training.plan import LinearLayers, TrainingPlan, plan_from_record
-from training.preflight import gather_facts, torch_build
 
 
 def test_torch_build_read_from_its_files_is_what_import_torch_says():

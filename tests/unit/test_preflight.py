@@ -20,16 +20,13 @@ from training.memory_estimate import (
     estimate_memory,
     model_size_from_config,
 )
+from training.node_facts import GpuFacts, HardwareFacts, declared_facts, gather_facts
 from training.plan import TrainingPlan
 from training.preflight import (
     Finding,
-    GpuFacts,
-    HardwareFacts,
     PreflightError,
     check,
-    declared_facts,
     format_findings,
-    gather_facts,
     plan_from_args,
     preflight_record,
     read_zero_settings,
