@@ -16,7 +16,7 @@ def test_the_wheel_holds_every_data_file_the_code_opens(tmp_path):
     # From a copy without build outputs: setuptools would reuse an old build/ folder's files.
     source = shutil.copytree(REPO, tmp_path / "source", ignore=shutil.ignore_patterns(
         ".git", ".venv*", "venv", "build", "*.egg-info", "__pycache__", "models", "outputs", "test-artifacts",
-        ".metaflow"))
+        ".metaflow", ".whl"))
     wheels = tmp_path / "wheels"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",

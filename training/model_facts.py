@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from training.base_model import load_tokenizer, max_positions
 from training.dataset import default_cache_dir
 from training.memory_estimate import model_size_from_config
 from training.plan import LinearLayers
@@ -55,8 +56,6 @@ class ModelFactsCache:
         (``max_positions(load_tokenizer(...))``); None when neither config nor tokenizer says.
         Raises what loading the tokenizer raises (OSError for a hub model out of reach)."""
         def compute() -> dict[str, Any]:
-            from training.base_model import load_tokenizer, max_positions
-
             return {"positions": max_positions(load_tokenizer(model_path, trust_remote_code=trust_remote_code))}
 
         return self._cached("positions", model_path, trust_remote_code, compute, _valid_positions)["positions"]

@@ -24,8 +24,11 @@ from training.arguments import (
     flash_attn_version,
     resolve_precision,
 )
+from training.base_model import load_model, load_tokenizer, resolve_base_model
+from training.batching import PaddingCollator, packing_collator, tokenize_rows
 from training.chat import setup_problems
 from training.checkpoint_store import CheckpointStoreError, S3CheckpointStore
+from training.dataset import load_instruction_data, sample_and_split
 from training.evaluation import DEFAULT_EVAL_INSTRUCTIONS, load_eval_instructions
 from training.prompt_format import end_marker, stop_token_ids
 from training.s3_uploads import resolve_resume
@@ -113,8 +116,6 @@ def s3_access_problems(train_args: TrainArguments) -> list[str]:
 
 def load_rows(data_args: DataArguments, train_args: TrainArguments, cache_dir: Path) -> Rows:
     """The data set read, validated, sampled and split; the evaluation instructions."""
-    from training.dataset import load_instruction_data, sample_and_split
-
     instructions = []
     if train_args.eval_instructions != "none":
         instructions = load_eval_instructions(train_args.eval_instructions or DEFAULT_EVAL_INSTRUCTIONS)
@@ -174,9 +175,6 @@ def _same_checkpoint_everywhere(resume_path: str | None, world_size: int) -> Non
 def tokenize(model_args: ModelArguments, data_args: DataArguments, rows: Rows, args: Any, cache_dir: Path) -> Tokens:
     """The base model resolved, its tokenizer set up for the prompt format, both splits tokenized
     (by the first rank; the others read its cache)."""
-    from training.base_model import load_tokenizer, resolve_base_model
-    from training.batching import tokenize_rows
-
     with args.main_process_first(desc="base model conversion and tokenization"):
         model_path = resolve_base_model(model_args.base_model, cache_dir)
         tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code,
@@ -208,8 +206,6 @@ def build_model(model_args: ModelArguments, train_args: TrainArguments, tokens: 
     """The model loaded in its precision (4-bit base under QLoRA), its collator, the adapters."""
     import torch
 
-    from training.base_model import load_model
-    from training.batching import PaddingCollator, packing_collator
 
     dtype = torch.bfloat16 if hardware.precision == "bf16" else torch.float32  # fp16: fp32 master weights
     quantized = model_args.peft == "qlora"

@@ -37,7 +37,10 @@ from typing import Any
 
 from training.adapters import quiet_missing_cpu_kernel_warning
 from training.arguments import DataArguments, ModelArguments, TrainArguments, parse_args
+from training.base_model import BaseModelError
+from training.batching import LENGTH_COLUMN
 from training.checkpoint_store import CheckpointStoreError
+from training.dataset import DatasetError, default_cache_dir
 from training.evaluation import EvalInstructionsError
 from training.paths import resolve_repo_path
 from training.shared_memory import remove_deepspeed_segments
@@ -55,8 +58,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     hardware = check_settings(model_args, data_args, train_args)
     quiet_missing_cpu_kernel_warning()  # before transformers' Trainer imports peft, which imports bitsandbytes
     from transformers import Trainer
-
-    from training.dataset import default_cache_dir
 
     started = _quiet_and_seeded(train_args.seed)
     output_dir = Path(train_args.output_dir)
@@ -119,8 +120,6 @@ def hf_training_arguments(model_args: ModelArguments, train_args: TrainArguments
     """
     from transformers import TrainingArguments
 
-    from training.batching import LENGTH_COLUMN
-
     output_dir = Path(train_args.output_dir)
     values: dict[str, Any] = dict(
         output_dir=str(output_dir / "checkpoints"),
@@ -168,9 +167,6 @@ def hf_training_arguments(model_args: ModelArguments, train_args: TrainArguments
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m training.trainer`` and ``deepspeed --module training.trainer``."""
     model_args, data_args, train_args = parse_args(argv)
-    from training.base_model import BaseModelError
-    from training.dataset import DatasetError
-
     try:
         train(model_args, data_args, train_args)
     except TrainerError as err:

@@ -34,8 +34,8 @@ def forbid_the_slow_path(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("computed again")
 
-    monkeypatch.setattr("training.memory_estimate.model_size_from_config", fail)
-    monkeypatch.setattr("training.base_model.load_tokenizer", fail)
+    monkeypatch.setattr("training.model_facts.model_size_from_config", fail)
+    monkeypatch.setattr("training.model_facts.load_tokenizer", fail)
 
 
 @pytest.fixture
